@@ -1,0 +1,79 @@
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "bias_act.h"
+
+namespace cnnfuse {
+
+void check_bias_act(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& residual, int64_t activation,
+                    const at::Tensor& out) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "bias_act: x must be 4-D, got ", x.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), "bias_act: out has shape ", out.sizes(),
+                    " but x has ", x.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), "bias_act: out dtype differs from x");
+  TORCH_CHECK_VALUE(activation >= 0 && activation < kNumActivations,
+                    "bias_act: unknown activation code ", activation);
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == x.size(1),
+                      "bias_act: bias must have x.size(1) elements");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type() ||
+                         bias->scalar_type() == at::kFloat,
+                     "bias_act: bias must be float32 or x's dtype");
+  }
+  if (residual) {
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "bias_act: residual shape differs from x");
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(),
+                     "bias_act: residual dtype differs from x");
+  }
+}
+
+BiasActShape bias_act_shape(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                            const at::Tensor& out) {
+  return {x.size(0), x.size(1), x.size(2), x.size(3), strides_of(x),
+          residual ? strides_of(*residual) : Strides4{0, 0, 0, 0}, strides_of(out)};
+}
+
+namespace {
+
+template <typename T, typename B>
+void run_cpu(const T* x, const B* bias, const T* res, T* out, const BiasActShape& s, int act) {
+  at::parallel_for(0, s.N * s.H * s.W, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t w = p % s.W, h = (p / s.W) % s.H, n = p / (s.W * s.H);
+      const T* xp = x + n * s.x.n + h * s.x.h + w * s.x.w;
+      const T* rp = res ? res + n * s.res.n + h * s.res.h + w * s.res.w : nullptr;
+      T* op = out + n * s.out.n + h * s.out.h + w * s.out.w;
+      for (int64_t c = 0; c < s.C; ++c) {
+        float v = static_cast<float>(xp[c * s.x.c]);
+        if (bias) v += static_cast<float>(bias[c]);
+        if (rp) v += static_cast<float>(rp[c * s.res.c]);
+        op[c * s.out.c] = static_cast<T>(activate(v, act));
+      }
+    }
+  });
+}
+
+void bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& residual, int64_t activation,
+                  const at::Tensor& out) {
+  check_bias_act(x, bias, residual, activation, out);
+  const BiasActShape shape = bias_act_shape(x, residual, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
+    const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    auto go = [&](auto* b) {
+      run_cpu(x.const_data_ptr<scalar_t>(), b, res, out.mutable_data_ptr<scalar_t>(), shape,
+              static_cast<int>(activation));
+    };
+    if (!bias) go(static_cast<const scalar_t*>(nullptr));
+    else if (bias->scalar_type() == at::kFloat) go(bias->const_data_ptr<float>());
+    else go(bias->const_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnnfuse, CPU, m) { m.impl("bias_act", &bias_act_cpu); }
+
+}  // namespace cnnfuse

@@ -1,0 +1,168 @@
+"""Implicit-GEMM convolution on NHWC with a fused bias / residual / activation epilogue.
+
+GEMM view: rows are output pixels (M = N·OH·OW), columns output channels (K), and the
+reduction runs over (r, s, c). The (r, s) loops stay outside the channel loop so the inner
+loop is a plain strided GEMM that Triton software-pipelines; flattening (r, s, c) into one
+loop costs a div/mod per step and measured slower. Every tensor is addressed through its
+strides, so the output may be a channel slice of a wider buffer (concat-free outputs) at no
+extra cost, and the weight is read in its stored layout (channels_last keeps c contiguous).
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import apply_activation
+
+
+@dataclass(frozen=True)
+class Conv2dConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+    @property
+    def name(self) -> str:
+        return (f"triton_m{self.block_m}n{self.block_n}k{self.block_k}"
+                f"w{self.num_warps}s{self.num_stages}")
+
+
+# Candidates timed by the autotuner on Hopper; the shape filter below drops the ones whose
+# tiles would be mostly padding for the layer at hand.
+CONFIGS = (
+    Conv2dConfig(128, 128, 64, 8, 3),
+    Conv2dConfig(128, 256, 64, 8, 3),
+    Conv2dConfig(256, 128, 64, 8, 3),
+    Conv2dConfig(128, 128, 32, 4, 4),
+    Conv2dConfig(128, 64, 64, 4, 4),
+    Conv2dConfig(64, 128, 64, 4, 4),
+    Conv2dConfig(64, 64, 64, 4, 4),
+    Conv2dConfig(64, 64, 32, 4, 5),
+    Conv2dConfig(32, 64, 64, 4, 4),
+    Conv2dConfig(32, 32, 32, 2, 4),
+)
+
+# Large tiles keep the interpreter's per-program overhead down on the CPU.
+INTERPRETER_CONFIG = Conv2dConfig(64, 64, 32, 4, 1)
+
+
+def candidate_configs(m: int, k: int, c: int) -> list[Conv2dConfig]:
+    """Configs worth timing for a GEMM of m rows, k output channels, c input channels."""
+    def fits(cfg):
+        return (cfg.block_n <= max(32, triton.next_power_of_2(k))
+                and cfg.block_k <= max(32, triton.next_power_of_2(c))
+                and cfg.block_m <= max(32, triton.next_power_of_2(m)))
+    return [cfg for cfg in CONFIGS if fits(cfg)] or [CONFIGS[-1]]
+
+
+def default_config(m: int, k: int, c: int) -> Conv2dConfig:
+    """Untimed pick (CUDA graph capture, autotuning off): the largest tile the shape fills."""
+    sm_count = 132
+    for cfg in candidate_configs(m, k, c):
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n)
+        if tiles >= sm_count:
+            return cfg
+    return candidate_configs(m, k, c)[-1]
+
+
+@triton.jit
+def _conv2d_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    N, C, H, W, K, OH, OW,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swr, sws,
+    srn, src, srh, srw,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    M = N * OH * OW
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(K, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < K
+
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    n = (offs_m // (OW * OH)).to(tl.int64)
+    ih0 = oh * stride_h - pad_t
+    iw0 = ow * stride_w - pad_l
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * swk
+    for r in range(R):
+        ih = ih0 + r * dil_h
+        row_ok = mask_m & (ih >= 0) & (ih < H)
+        for s in range(S):
+            iw = iw0 + s * dil_w
+            ok = row_ok & (iw >= 0) & (iw < W)
+            x_rows = x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+            w_rs = w_cols + r * swr + s * sws
+            for c0 in range(0, C, BLOCK_K):
+                cs = c0 + offs_k
+                c_ok = cs < C
+                a = tl.load(x_rows + cs[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_rs + cs[:, None] * swc, mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        r_ptrs = res_ptr + (n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] \
+            + offs_n[None, :] * src
+        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    acc = apply_activation(acc, ACT)
+    y_ptrs = y_ptr + (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
+        + offs_n[None, :] * syc
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
+           stride, padding, dilation, act_code: int, config: Conv2dConfig,
+           allow_tf32: bool = True) -> torch.Tensor:
+    """Launch on already-validated tensors: groups == 1, padding = (left, right, top, bottom);
+    y is the (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer."""
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    _, _, OH, OW = y.shape
+    precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly; bf16 products are exact in fp32,
+    # so upcasting there gives the tensor-core result.
+    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    if dot_fp32:
+        precision = "ieee"
+    res = residual if residual is not None else y
+    grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
+    _conv2d_kernel[grid](
+        x, weight, bias if bias is not None else y, res, y,
+        N, C, H, W, K, OH, OW,
+        *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
+        stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1],
+        R=R, S=S, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
+        PRECISION=precision, DOT_FP32=dot_fp32,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

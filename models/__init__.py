@@ -1,0 +1,6 @@
+"""Fused nn.Modules and the passes that swap them into existing models."""
+from .fuse import explain, fuse
+from .fused_conv import FusedConv2d
+from .report import FusionReport
+
+__all__ = ["FusedConv2d", "FusionReport", "explain", "fuse"]

@@ -1,0 +1,259 @@
+"""cnnfuse.fuse: swap fused modules into an eval-mode model.
+
+The passes run on an FX graph of the largest module that traces: the whole model when it can,
+else each child in turn (the module tree), so a model with one untraceable block still fuses
+everywhere else. Per conv site, in order: Conv2d -> FusedConv2d, fold the BatchNorm that reads
+it, absorb the activation that reads that; then each residual add whose operand is a fused
+conv with nothing after it becomes that conv's epilogue (with the activation after the add).
+"""
+import copy
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from .fused_conv import FusedConv2d
+from .patterns import activation_of_module, activation_of_node, residual_operands
+from .report import FusionReport
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # BatchNorm subclasses (timm's BatchNormAct2d) stay whole so they can be folded.
+        if isinstance(m, (FusedConv2d, nn.BatchNorm2d)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def fuse(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
+         memory_format: Optional[torch.memory_format] = torch.channels_last,
+         inplace: bool = False) -> nn.Module:
+    """A fused copy of an eval-mode `model` (the model itself when inplace=True).
+
+    The result computes the same function with folded BatchNorm and fused epilogues; it is
+    inference-only: calling .train() on it does not bring BatchNorm back.
+    """
+    if dtype is not None and dtype not in _DTYPES:
+        raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype}")
+    fused, _ = _fuse(model, inplace)
+    if dtype is not None:
+        fused = fused.to(dtype)
+    if memory_format is not None:
+        fused = fused.to(memory_format=memory_format)
+    return fused
+
+
+def explain(model: nn.Module) -> FusionReport:
+    """What `fuse(model)` fuses, and every site it leaves alone with the reason."""
+    return _fuse(model, inplace=False)[1]
+
+
+def _fuse(model: nn.Module, inplace: bool):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    training = [name or "<model>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            "cnnfuse.fuse needs an eval-mode model: BatchNorm is folded with its running "
+            "statistics and dropout becomes a no-op, which is only right for inference. Call "
+            f"model.eval() first (training-mode modules: {', '.join(training[:3])}"
+            f"{', ...' if len(training) > 3 else ''})")
+    report = FusionReport(conv_sites=sum(isinstance(m, nn.Conv2d) for m in model.modules()))
+    target = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        fused = _fuse_module(target, report, "")
+    return fused, report
+
+
+def _unsupported_conv(conv: nn.Conv2d) -> Optional[str]:
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zeros padding is fused)"
+    if conv.weight.dtype not in _DTYPES:
+        return f"weight dtype {conv.weight.dtype}"
+    return None
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        reason = _unsupported_conv(module)
+        if reason:
+            report.skip(prefix.rstrip("."), reason)
+            return module
+        report.add("conv")
+        return FusedConv2d.from_conv(module)
+    if not _has_conv(module):
+        return module
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:  # FX raises many types for data-dependent Python
+        report.untraceable.append((prefix.rstrip("."), f"{type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160]))
+        for name, child in list(module.named_children()):
+            setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
+        if isinstance(module, nn.Sequential):
+            _fuse_sequential(module, report, prefix)
+        return module
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    _GraphFuser(gm, report, prefix).run()
+    return gm
+
+
+def _bn_epilogue(bn: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """(activation folded along with `bn`, reason it cannot fold); activation 'none' if plain."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        return None, "BatchNorm without running statistics (track_running_stats=False)"
+    if type(bn) is nn.BatchNorm2d:
+        return "none", None
+    # BatchNorm + dropout + activation in one module (timm's BatchNormAct2d).
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    extras = {name for name, _ in bn.named_children()} - {"act", "drop"}
+    act_name = "none" if isinstance(act, nn.Identity) else (
+        activation_of_module(act) if act is not None else None)
+    drop_ok = drop is None or isinstance(drop, (nn.Identity, nn.Dropout))
+    if act is None or act_name is None or extras or not drop_ok:
+        return None, f"{type(bn).__name__} with behaviour beyond BatchNorm + activation"
+    return act_name, None
+
+
+def _fuse_sequential(seq: nn.Sequential, report: FusionReport, prefix: str) -> None:
+    """Conv -> BatchNorm -> activation as neighbours in a Sequential (tree-only path)."""
+    names = list(seq._modules)
+    for i, name in enumerate(names):
+        conv = seq._modules[name]
+        if not isinstance(conv, FusedConv2d) or conv.folded_bn or conv.activation != "none":
+            continue
+        j = i + 1
+        bn = seq._modules[names[j]] if j < len(names) else None
+        if isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels:
+            act, reason = _bn_epilogue(bn)
+            if reason:
+                report.skip(f"{prefix}{names[j]}", reason)
+                continue
+            conv.fold_bn(bn)
+            conv.activation = act
+            seq._modules[names[j]] = nn.Identity()
+            report.add("batchnorm folded")
+            j += 1
+        act = activation_of_module(seq._modules[names[j]]) if j < len(names) else None
+        if act and conv.activation == "none":
+            conv.activation = act
+            seq._modules[names[j]] = nn.Identity()
+            report.add(f"activation {act}")
+
+
+class _GraphFuser:
+    def __init__(self, gm: fx.GraphModule, report: FusionReport, prefix: str):
+        self.gm, self.graph, self.report, self.prefix = gm, gm.graph, report, prefix
+        self.modules = dict(gm.named_modules())
+        self.calls = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and isinstance(self.modules[node.target], nn.Conv2d):
+                self._fuse_conv(node)
+        for node in list(self.graph.nodes):
+            if residual_operands(node):
+                self._fuse_residual(node)
+        for node in self.graph.nodes:
+            if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
+                self.report.skip(self.prefix + node.target,
+                                 "BatchNorm not directly after a conv (pre-activation); kept")
+        self.graph.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+
+    def _module(self, node) -> Optional[nn.Module]:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def _replace_module(self, qualname: str, new: nn.Module) -> None:
+        parent, _, name = qualname.rpartition(".")
+        setattr(self.gm.get_submodule(parent) if parent else self.gm, name, new)
+        self.modules[qualname] = new
+
+    @staticmethod
+    def _sole_user(node):
+        """The one node reading `node`, if it reads it as its only tensor input."""
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        return user if user.args and user.args[0] is node else None
+
+    def _absorb(self, node, into) -> None:
+        node.replace_all_uses_with(into)
+        self.graph.erase_node(node)
+
+    def _fuse_conv(self, node) -> None:
+        conv, site = self.modules[node.target], self.prefix + node.target
+        reason = _unsupported_conv(conv)
+        if reason is None and self.calls[node.target] > 1:
+            reason = f"module is called at {self.calls[node.target]} places"
+        if reason is None and (len(node.args) != 1 or node.kwargs):
+            reason = "called with extra arguments"
+        if reason:
+            self.report.skip(site, reason)
+            return
+        fused = FusedConv2d.from_conv(conv)
+        self._replace_module(node.target, fused)
+        self.report.add("conv")
+
+        user = self._sole_user(node)
+        bn = self._module(user) if user is not None else None
+        if isinstance(bn, nn.BatchNorm2d) and len(user.args) == 1 and not user.kwargs:
+            act, reason = _bn_epilogue(bn)
+            if reason is None and self.calls[user.target] > 1:
+                reason = f"BatchNorm module is called at {self.calls[user.target]} places"
+            if reason is None and bn.num_features != conv.out_channels:
+                reason = f"BatchNorm has {bn.num_features} features, conv {conv.out_channels}"
+            if reason:
+                self.report.skip(self.prefix + user.target, reason)
+            else:
+                fused.fold_bn(bn)
+                fused.activation = act
+                self._absorb(user, node)
+                self.report.add("batchnorm folded")
+                if act != "none":
+                    self.report.add(f"activation {act}")
+        if fused.activation == "none":
+            self._absorb_activation(node, fused)
+
+    def _absorb_activation(self, node, fused: FusedConv2d) -> Optional[fx.Node]:
+        """Absorb the activation reading `node` into `fused`; returns the absorbed node."""
+        user = self._sole_user(node)
+        act = activation_of_node(user, self.modules) if user is not None else None
+        if act is None:
+            return None
+        fused.activation = act
+        self._absorb(user, node)
+        self.report.add(f"activation {act}")
+        return user
+
+    def _fuse_residual(self, add) -> None:
+        a, b = residual_operands(add)
+        in_place = add.target in ("add_",) or getattr(add.target, "__name__", "") == "iadd"
+        for conv_node, other in ((a, b), (b, a)):
+            fused = self._module(conv_node)
+            if (isinstance(fused, FusedConv2d) and not fused.has_residual
+                    and fused.activation == "none" and len(conv_node.users) == 1
+                    and conv_node is not other
+                    # an in-place add into `other` is visible to its later readers
+                    and not (in_place and other is a and len(other.users) > 1)):
+                break
+        else:
+            return
+        with self.graph.inserting_before(add):
+            new = self.graph.call_module(conv_node.target, (conv_node.args[0], other))
+        fused.has_residual = True
+        add.replace_all_uses_with(new)
+        self.graph.erase_node(add)
+        self.graph.erase_node(conv_node)
+        self.report.add("residual add")
+        self._absorb_activation(new, fused)

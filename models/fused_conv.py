@@ -1,0 +1,115 @@
+"""FusedConv2d: a Conv2d with BatchNorm folded in and activation / residual in its epilogue."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..backend import warn_once
+from ..ops.conv2d import output_hw
+from ..ref import activation_code, apply_activation
+
+
+def _fits(residual, x: torch.Tensor, conv: "FusedConv2d") -> bool:
+    if not isinstance(residual, torch.Tensor) or residual.dtype != x.dtype:
+        return False
+    oh, ow = output_hw(x.shape[2], x.shape[3], conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation)
+    return tuple(residual.shape) == (x.shape[0], conv.out_channels, oh, ow)
+
+
+def _describe(r) -> str:
+    return f"{tuple(r.shape)} {r.dtype}" if isinstance(r, torch.Tensor) else type(r).__name__
+
+
+class FusedConv2d(nn.Module):
+    """act(conv2d(x, weight) + bias + residual) through `cnnfuse.ops.conv2d`.
+
+    `weight` and `bias` are the folded parameters; BatchNorm statistics are gone once folded.
+    With `has_residual`, forward takes the tensor to add as its second argument.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=(1, 1),
+                 padding=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1, bias: bool = True,
+                 activation: str = "none", has_residual: bool = False):
+        super().__init__()
+        activation_code(activation)
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = (kh, kw)
+        self.stride, self.dilation = tuple(stride), tuple(dilation)
+        self.padding = tuple(padding)  # (left, right, top, bottom)
+        self.activation, self.has_residual = activation, has_residual
+        self.folded_bn = False
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "FusedConv2d":
+        """A copy of `conv` (zeros padding) with the weight in channels_last."""
+        if isinstance(conv.padding, str):
+            from ..ops.conv2d import normalize_padding
+            padding = normalize_padding(conv.padding, conv.kernel_size, list(conv.stride),
+                                        list(conv.dilation))
+        else:
+            ph, pw = conv.padding
+            padding = (pw, pw, ph, ph)
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
+                    conv.dilation, conv.groups, bias=conv.bias is not None)
+        fused.weight.data = conv.weight.detach().clone().contiguous(
+            memory_format=torch.channels_last)
+        if conv.bias is not None:
+            fused.bias.data = conv.bias.detach().clone()
+        return fused
+
+    @torch.no_grad()
+    def fold_bn(self, bn: nn.BatchNorm2d) -> None:
+        """Fold an eval-mode BatchNorm that reads this conv's output, using its running
+        statistics (in float64, then back to the weight's dtype)."""
+        if self.activation != "none" or self.has_residual:
+            raise ValueError("fold_bn: BatchNorm must come before the activation and residual add")
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale
+        if self.bias is not None:
+            shift = shift + self.bias.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        dtype, device = self.weight.dtype, self.weight.device
+        self.weight.data = (self.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        self.bias = nn.Parameter(shift.to(dtype=dtype, device=device), requires_grad=False)
+        self.folded_bn = True
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.has_residual != (residual is not None):
+            raise ValueError(f"{self.__class__.__name__} was built with has_residual="
+                             f"{self.has_residual} but forward got residual="
+                             f"{'a tensor' if residual is not None else 'None'}")
+        if residual is not None and not _fits(residual, x, self):
+            # A broadcast or mixed-dtype add: exact, just not fused.
+            warn_once(f"FusedConv2d: residual {_describe(residual)} does not match the conv "
+                      "output; adding it outside the kernel")
+            y = ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
+                           self.dilation, self.groups)
+            return apply_activation(y + residual, self.activation)
+        return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
+                          self.dilation, self.groups, activation=self.activation,
+                          residual=residual)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
+                 f"stride={self.stride}", f"padding={self.padding}"]
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.folded_bn:
+            parts.append("bn=folded")
+        if self.activation != "none":
+            parts.append(f"activation={self.activation}")
+        if self.has_residual:
+            parts.append("residual=add")
+        return ", ".join(parts)

@@ -1,0 +1,62 @@
+"""What the fusion passes recognise: activations in module, function and method form, and
+residual adds. Tables, not code per model: every family written with these ops is covered."""
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+_ACT_MODULES = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid",
+}
+_ACT_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
+    F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+
+
+def activation_of_module(m: nn.Module) -> Optional[str]:
+    if type(m) in _ACT_MODULES:
+        return _ACT_MODULES[type(m)]
+    if isinstance(m, nn.GELU):
+        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    if type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
+        return "relu6"
+    return None
+
+
+def activation_of_node(node: fx.Node, modules: dict) -> Optional[str]:
+    """The activation a graph node applies to its first input, or None."""
+    if node.op == "call_module":
+        return activation_of_module(modules[node.target])
+    if node.op == "call_function":
+        if node.target in _ACT_FUNCTIONS:
+            return _ACT_FUNCTIONS[node.target]
+        if node.target is F.gelu:
+            return "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
+        if node.target is F.hardtanh:
+            lo, hi = (list(node.args[1:3]) + [node.kwargs.get("min_val", -1.0),
+                                                node.kwargs.get("max_val", 1.0)])[:2]
+            return "relu6" if (lo, hi) == (0.0, 6.0) else None
+        return None
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        return _ACT_METHODS[node.target] if len(node.args) == 1 else None
+    return None
+
+
+def residual_operands(node: fx.Node) -> Optional[tuple]:
+    """(a, b) for a node computing a + b of two graph values with no scaling, else None."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target in _ADD_METHODS))
+    if not is_add or len(node.args) != 2 or set(node.kwargs) - {"out"} or node.kwargs.get("out"):
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    return a, b

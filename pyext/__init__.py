@@ -1,0 +1,11 @@
+"""cnnfuse: fused CUDA and Triton kernels for classic CNN image classifiers.
+
+    fast = cnnfuse.fuse(model.eval())     # a fused copy
+    print(cnnfuse.explain(model))         # what was fused, what was not, and why
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402  (registers the torch.library ops)
+from .models import FusedConv2d, FusionReport, explain, fuse  # noqa: E402
+
+__all__ = ["FusedConv2d", "FusionReport", "explain", "fuse", "ops", "__version__"]

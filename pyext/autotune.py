@@ -1,0 +1,118 @@
+"""Pick the fastest correct backend per op and shape; remember the pick on disk.
+
+A candidate is timed only after its output has matched the reference once, so a kernel that
+is wrong on some GPU or shape is dropped (and said so) instead of winning on speed. The cache
+is keyed by GPU name, library versions, dtype and shape; delete the file to re-tune.
+"""
+import contextlib
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .backend import log, warn_once
+
+_progress = None  # a tqdm bar while `progress()` is active
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNNFUSE_CACHE_DIR", Path.home() / ".cache" / "cnnfuse"))
+
+
+def enabled() -> bool:
+    return os.environ.get("CNNFUSE_AUTOTUNE", "1") != "0"
+
+
+@contextlib.contextmanager
+def progress(description: str):
+    """Show a progress bar that counts the shapes tuned inside the block."""
+    global _progress
+    from tqdm import tqdm
+    with tqdm(desc=description, unit=" shape", leave=False) as bar:
+        _progress = bar
+        try:
+            yield bar
+        finally:
+            _progress = None
+
+
+def _median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 15) -> float:
+    for _ in range(warmup):
+        fn()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+
+
+class Autotuner:
+    def __init__(self, op: str):
+        self.op = op
+        self._table: Optional[dict] = None
+
+    def _path(self) -> Path:
+        import triton
+        from . import __version__
+        gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+        tag = f"{self.op}-{gpu}-cnnfuse{__version__}-torch{torch.__version__}-triton{triton.__version__}"
+        return cache_dir() / "autotune" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", tag) + ".json")
+
+    def _load(self) -> dict:
+        if self._table is None:
+            try:
+                self._table = json.loads(self._path().read_text())
+            except (OSError, ValueError):
+                self._table = {}
+        return self._table
+
+    def _save(self) -> None:
+        path = self._path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as exc:
+            warn_once(f"autotune cache not writable ({exc}); picks last for this process only")
+
+    def pick(self, key: str, candidates: dict, reference: Callable[[], torch.Tensor],
+             tolerance: float, default: str) -> str:
+        """Name of the candidate to run. candidates map names to zero-argument callables that
+        return their output; reference() returns the expected output (any dtype)."""
+        table = self._load()
+        chosen = table.get(key, {}).get("best")
+        if chosen in candidates:
+            return chosen
+        if not enabled() or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+            return default
+        expected = reference().float()
+        scale = expected.abs().max().item() + 1e-6
+        timings = {}
+        for name, fn in candidates.items():
+            try:
+                err = (fn().float() - expected).abs().max().item() / scale
+                if not err <= tolerance:
+                    warn_once(f"{self.op}: backend {name} is off by {err:.2e} (relative) on {key}; "
+                              "dropped")
+                    continue
+                timings[name] = _median_ms(fn)
+            except Exception as exc:  # a backend that cannot run this shape is just not a candidate
+                warn_once(f"{self.op}: backend {name} failed on {key}: {exc}")
+        if not timings:
+            warn_once(f"{self.op}: no backend passed on {key}; using {default}")
+            return default
+        best = min(timings, key=timings.get)
+        table[key] = {"best": best, "ms": {k: round(v, 5) for k, v in timings.items()}}
+        self._save()
+        log.info("cnnfuse: %s %s -> %s (%.4f ms)", self.op, key, best, timings[best])
+        if _progress is not None:
+            _progress.update(1)
+        return best

@@ -1,0 +1,5 @@
+"""Public functional ops; each is also a torch.library op under torch.ops.cnnfuse."""
+from .bias_act import bias_act
+from .conv2d import conv2d
+
+__all__ = ["bias_act", "conv2d"]

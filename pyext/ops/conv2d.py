@@ -1,0 +1,258 @@
+"""cnnfuse::conv2d — y = act(conv2d(x, w) + bias + residual), optionally into a channel slice.
+
+Two schemas share one implementation: `conv2d` returns a new channels_last tensor, and
+`conv2d_into` writes into channels [offset, offset + K) of a wider buffer, which is how
+concatenated branch outputs are produced without `torch.cat`.
+"""
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import autotune, ref
+from .._ext import has_cudnn_frontend
+from ..backend import requested_backend, triton_interpreting, warn_once
+from . import _check
+from .bias_act import bias_act_into
+
+# Activations that the cuDNN runtime-fusion graph expresses (see csrc/conv2d/cudnn_fused.cpp).
+CUDNN_FUSED_ACTIVATIONS = ("none", "relu", "relu6", "silu", "sigmoid", "gelu", "gelu_tanh")
+
+_tuner = autotune.Autotuner("conv2d")
+
+torch.library.define(
+    "cnnfuse::conv2d_cudnn",
+    "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+    "int groups, int activation, Tensor? residual) -> Tensor")
+
+
+def normalize_padding(padding, kernel: Sequence[int], stride: Sequence[int],
+                      dilation: Sequence[int]) -> list[int]:
+    """(left, right, top, bottom) from an int, an (h, w) pair, a 4-tuple, 'valid' or 'same'."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        if stride != [1, 1]:
+            raise ValueError("padding='same' needs stride 1 (as in torch.nn.functional.conv2d)")
+        th, tw = dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1)
+        return [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+    if isinstance(padding, int):
+        padding = [padding, padding]
+    pads = list(padding)
+    if len(pads) == 2:
+        pads = [pads[1], pads[1], pads[0], pads[0]]
+    if len(pads) != 4 or not all(isinstance(p, int) and p >= 0 for p in pads):
+        raise ValueError(f"padding must be an int >= 0, an (h, w) pair, a (left, right, top, "
+                         f"bottom) 4-tuple, 'same' or 'valid'; got {padding!r}")
+    return pads
+
+
+def output_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    left, right, top, bottom = padding
+    oh = (h + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: Union[int, Sequence[int]] = 1, padding=0,
+           dilation: Union[int, Sequence[int]] = 1, groups: int = 1, *,
+           activation: str = "none", residual: Optional[torch.Tensor] = None,
+           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+    """y = act(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual).
+
+    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. With `out`
+    (N, C_total, OH, OW), y lands in channels [out_channel_offset, +C_out) and `out` is
+    returned. Inference only: no autograd.
+    """
+    _check.tensor("x", x, 4)
+    _check.tensor("weight", weight, 4)
+    _check.floating("x", x)
+    _check.same_dtype("weight", weight, x)
+    _check.same_device("weight", weight, x)
+    ref.activation_code(activation)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    if c != cg * groups:
+        raise ValueError(f"x has {c} channels but weight expects {cg} x groups={groups} = {cg * groups}")
+    if k % groups:
+        raise ValueError(f"weight has {k} output channels, not divisible by groups={groups}")
+    stride = _check.pair("stride", stride, 1)
+    dilation = _check.pair("dilation", dilation, 1)
+    pads = normalize_padding(padding, (r, s), stride, dilation)
+    oh, ow = output_hw(h, w, (r, s), stride, pads, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the output would be {oh}x{ow}: input {h}x{w} is too small for kernel "
+                         f"{r}x{s} with padding {pads}, dilation {dilation}")
+    if bias is not None:
+        _check.tensor("bias", bias, 1)
+        _check.same_dtype("bias", bias, x, also=(torch.float32,))
+        _check.same_device("bias", bias, x)
+        if bias.shape[0] != k:
+            raise ValueError(f"bias has {bias.shape[0]} elements but weight has {k} output channels")
+    if residual is not None:
+        _check.tensor("residual", residual, 4)
+        _check.same_dtype("residual", residual, x)
+        _check.same_device("residual", residual, x)
+        if tuple(residual.shape) != (n, k, oh, ow):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; the conv output is "
+                             f"{(n, k, oh, ow)}")
+    if out is None:
+        return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
+                                        activation, residual)
+    _check.out_slice(out, x, (n, k, oh, ow), out_channel_offset)
+    torch.ops.cnnfuse.conv2d_into(x, weight, bias, stride, pads, dilation, groups, activation,
+                                  residual, out, out_channel_offset)
+    return out
+
+
+@torch.library.custom_op("cnnfuse::conv2d", mutates_args=())
+def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               stride: list[int], padding: list[int], dilation: list[int], groups: int,
+               activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, None)
+
+
+@torch.library.custom_op("cnnfuse::conv2d_into", mutates_args=("out",))
+def _conv2d_into_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                    activation: str, residual: Optional[torch.Tensor], out: torch.Tensor,
+                    out_channel_offset: int) -> None:
+    dest = out.narrow(1, out_channel_offset, weight.shape[0])
+    _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+
+
+@_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow),
+                       memory_format=torch.channels_last)
+
+
+@_conv2d_into_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, out, offset):
+    return None
+
+
+@torch.library.register_fake("cnnfuse::conv2d_cudnn")
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow),
+                       memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementation: every backend writes into `dest` (a view) when given, else allocates.
+
+def _empty_out(x, weight, stride, padding, dilation):
+    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _deliver(y, dest):
+    if dest is None:
+        return y
+    dest.copy_(y)
+    return dest
+
+
+def _reference(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+    y = ref.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual)
+    return _deliver(y, dest)
+
+
+def _library_conv(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+    """PyTorch's conv (cuDNN on CUDA), then cnnfuse's fused epilogue in one pass."""
+    left, right, top, bottom = padding
+    if left != right or top != bottom:
+        x, pad_hw = F.pad(x, (left, right, top, bottom)), (0, 0)
+    else:
+        pad_hw = (top, left)
+    y = F.conv2d(x, weight, None, stride, pad_hw, dilation, groups)
+    dest = dest if dest is not None else torch.empty_like(y, memory_format=torch.channels_last)
+    bias_act_into(y, bias, residual, activation, dest)
+    return dest
+
+
+def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+    y = torch.ops.cnnfuse.conv2d_cudnn(x, weight, bias, stride, padding, dilation, groups,
+                                       ref.activation_code(activation), residual)
+    return _deliver(y, dest)
+
+
+def _triton(config, x, weight, bias, stride, padding, dilation, groups, activation, residual,
+            dest):
+    from ..kernels import conv2d as kernel
+    y = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    return kernel.conv2d(x, weight, bias, residual, y, stride, padding, dilation,
+                         ref.activation_code(activation), config, allow_tf32)
+
+
+_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
+
+
+def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+    backend = requested_backend()
+    if x.device.type != "cuda":
+        if backend == "triton":
+            if triton_interpreting() and groups == 1:
+                from ..kernels.conv2d import INTERPRETER_CONFIG
+                return _triton(INTERPRETER_CONFIG, *args)
+            warn_once("conv2d: the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 "
+                      "and for groups == 1; using the reference")
+        elif backend == "cuda":
+            return _library_conv(*args)
+        return _reference(*args)
+    if backend == "reference":
+        return _reference(*args)
+
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        warn_once("conv2d: input is not channels_last; converting it costs a copy per call "
+                  "(pass channels_last tensors, or use cnnfuse.fuse which does)")
+        x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+
+    candidates = {}
+    if backend in ("auto", "triton") and groups == 1:
+        from ..kernels import conv2d as kernel
+        m = x.shape[0] * _empty_out_hw(x, weight, stride, padding, dilation)
+        for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1]):
+            candidates[cfg.name] = functools.partial(_triton, cfg, *args)
+        default = kernel.default_config(m, weight.shape[0], x.shape[1]).name
+    else:
+        if backend == "triton":
+            warn_once("conv2d: the Triton kernel has no grouped convolution yet; using cuDNN")
+        default = "cudnn"
+    if backend in ("auto", "cuda") or groups != 1:
+        if has_cudnn_frontend() and activation in CUDNN_FUSED_ACTIVATIONS:
+            candidates["cudnn_fused"] = functools.partial(_cudnn_fused, *args)
+        candidates["cudnn"] = functools.partial(_library_conv, *args)
+        if backend == "cuda":
+            default = "cudnn"
+    key = _key(*args)
+    name = _tuner.pick(key, candidates,
+                       reference=lambda: ref.conv2d(x, weight, bias, stride, padding, dilation,
+                                                    groups, activation, residual),
+                       tolerance=_TOLERANCE[x.dtype], default=default)
+    return candidates[name]()
+
+
+def _empty_out_hw(x, weight, stride, padding, dilation) -> int:
+    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return oh * ow
+
+
+def _key(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest) -> str:
+    sliced = dest is not None and not dest.is_contiguous(memory_format=torch.channels_last)
+    return (f"{str(x.dtype)[6:]} x{list(x.shape)} w{list(weight.shape)} s{stride} p{padding} "
+            f"d{dilation} g{groups} {activation} bias={bias is not None} "
+            f"res={residual is not None} slice={sliced} tf32={torch.backends.cudnn.allow_tf32}")

@@ -1,0 +1,6 @@
+"""fp32 references: the specification of every op and its CPU implementation."""
+from .activation import ACTIVATIONS, activation_code, apply_activation
+from .bias_act import bias_act
+from .conv2d import conv2d
+
+__all__ = ["ACTIVATIONS", "activation_code", "apply_activation", "bias_act", "conv2d"]

@@ -1,0 +1,17 @@
+"""Reference of cnnfuse::bias_act: y = act(x + bias + residual), in fp32."""
+from typing import Optional
+
+import torch
+
+from .activation import apply_activation
+
+
+def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+             activation: str) -> torch.Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(acc)
+    return apply_activation(y, activation).to(x.dtype)

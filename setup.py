@@ -1,0 +1,112 @@
+"""Builds cnnfuse: the Python packages plus the compiled extension cnnfuse._C.
+
+CUDA sources are compiled when a CUDA toolkit and a CUDA build of torch are present, unless
+CNNFUSE_SKIP_CUDA_BUILD=1; otherwise `_C` holds the CPU kernels only. TORCH_CUDA_ARCH_LIST
+and MAX_JOBS are honoured; by default the archs are those of the visible GPUs, else
+8.0, 8.6, 8.9 and 9.0 with PTX.
+"""
+import os
+import re
+import site
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyext" / "__init__.py").read_text())[1]
+
+
+def _site_dirs():
+    dirs = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    return [Path(d) for d in dict.fromkeys(dirs) if d and Path(d).is_dir()]
+
+
+def _find(relative: str):
+    """The first site-packages dir holding `relative` (pip-installed NVIDIA headers)."""
+    return next((d for d in _site_dirs() if (d / relative).exists()), None)
+
+
+def _default_arch_list(torch) -> str:
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    return "8.0;8.6;8.9;9.0+PTX"
+
+
+def _extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    skip_cuda = os.environ.get("CNNFUSE_SKIP_CUDA_BUILD", "0") == "1"
+    with_cuda = (not skip_cuda and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None)
+    csrc = ROOT / "csrc"
+    sources = sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cpp"))
+    cudnn_fused = "csrc/conv2d/cudnn_fused.cpp"
+    cxx = ["-O3"]  # the C++ standard is the one torch asks for
+    macros, include_dirs, libraries, library_dirs, link_args = [], [], [], [], []
+    if not with_cuda:
+        sources = [s for s in sources if s != cudnn_fused]
+        print("cnnfuse: building _C without CUDA "
+              f"({'CNNFUSE_SKIP_CUDA_BUILD=1' if skip_cuda else 'no CUDA toolkit or CPU torch'})")
+        return cpp_extension.CppExtension(
+            "cnnfuse._C", sources, extra_compile_args={"cxx": cxx})
+
+    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
+    sources += sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cu"))
+    macros += [("CNNFUSE_WITH_CUDA", None),
+               ("CNNFUSE_CUDA_VERSION", f'"{torch.version.cuda}"'),
+               ("CNNFUSE_CUDA_ARCHS", f'"{arch_list}"')]
+    # torch's CUDA headers pull in cusparse.h and friends, shipped in the nvidia/cu13 wheels.
+    for rel in ("nvidia/cu13/include", "nvidia/cudnn/include"):
+        found = _find(rel)
+        if found:
+            include_dirs.append(str(found / rel))
+    frontend = _find("include/cudnn_frontend.h")
+    cudnn_lib = _find("nvidia/cudnn/lib")
+    if frontend and cudnn_lib and (ROOT / cudnn_fused).exists():
+        include_dirs.append(str(frontend / "include"))
+        macros.append(("CNNFUSE_WITH_CUDNN_FRONTEND", None))
+        lib_dir = cudnn_lib / "nvidia/cudnn/lib"
+        library_dirs.append(str(lib_dir))
+        libraries.append(":libcudnn.so.9")
+        link_args.append(f"-Wl,-rpath,{lib_dir}")
+    else:
+        sources = [s for s in sources if s != cudnn_fused]
+        print("cnnfuse: cuDNN frontend headers or libcudnn not found; building without the "
+              "cuDNN runtime-fusion backend (pip install nvidia-cudnn-frontend)")
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
+    return cpp_extension.CUDAExtension(
+        "cnnfuse._C", sources, define_macros=macros, include_dirs=include_dirs,
+        libraries=libraries, library_dirs=library_dirs, extra_link_args=link_args,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="cnnfuse",
+    version=VERSION,
+    description="Fused CUDA and Triton kernels for classic CNN image classifiers",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    package_dir={"cnnfuse": "pyext", "cnnfuse.kernels": "kernels", "cnnfuse.models": "models"},
+    packages=["cnnfuse", "cnnfuse.ops", "cnnfuse.ref", "cnnfuse.bench", "cnnfuse.kernels",
+              "cnnfuse.models"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+    install_requires=["torch>=2.6", "triton>=3.3", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision"],
+        "bench": ["torchvision", "timm", "matplotlib", "pytest-benchmark"],
+        "cudnn": ["nvidia-cudnn-frontend"],
+    },
+    entry_points={"console_scripts": ["cnnfuse-bench = cnnfuse.bench.__main__:main"]},
+    zip_safe=False,
+)
