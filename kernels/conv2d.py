@@ -148,11 +148,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
     K, _, R, S = weight.shape
     _, _, OH, OW = y.shape
     precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
-    # Triton's CPU interpreter multiplies bf16 tiles wrongly; bf16 products are exact in fp32,
-    # so upcasting there gives the tensor-core result.
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
+    # products are exact in fp32, so an fp32 dot and an fp32 store rounded by torch give
+    # what the GPU computes.
     dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
     if dot_fp32:
         precision = "ieee"
+        dest, y = y, torch.empty(y.shape, dtype=torch.float32).contiguous(
+            memory_format=torch.channels_last)
     res = residual if residual is not None else y
     grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
     _conv2d_kernel[grid](
@@ -165,4 +168,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if dot_fp32:
+        return dest.copy_(y)
     return y

@@ -127,9 +127,7 @@ def _conv2d_into_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 @_conv2d_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, activation, residual):
-    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow),
-                       memory_format=torch.channels_last)
+    return _empty_out(x, weight, stride, padding, dilation)
 
 
 @_conv2d_into_op.register_fake
@@ -139,9 +137,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, 
 
 @torch.library.register_fake("cnnfuse::conv2d_cudnn")
 def _(x, weight, bias, stride, padding, dilation, groups, activation, residual):
-    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow),
-                       memory_format=torch.channels_last)
+    return _empty_out(x, weight, stride, padding, dilation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""Shared test helpers: fp64 references, the error bound of the op contract, random models."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+def triton_runnable() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+needs_triton = pytest.mark.skipif(
+    not triton_runnable(),
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before Python starts")
+
+
+def assert_within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor,
+                              ref64: torch.Tensor, atol_scale: float = 1e-5) -> None:
+    """|ours - ref64| <= 2 |torch_same_dtype - ref64| + a tiny atol (max over elements)."""
+    assert ours.shape == ref64.shape, (ours.shape, ref64.shape)
+    assert torch.isfinite(ours).all(), "non-finite values in the result"
+    ours_err = (ours.double() - ref64).abs().max().item()
+    torch_err = (torch_same.double() - ref64).abs().max().item()
+    atol = atol_scale * max(ref64.abs().max().item(), 1.0)
+    assert ours_err <= 2 * torch_err + atol, (
+        f"error {ours_err:.3e} exceeds 2 x PyTorch's {torch_err:.3e} + {atol:.1e}")
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator = None) -> nn.Module:
+    """Fresh BatchNorm layers are identities and would hide folding bugs."""
+    g = generator or torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            if m.running_mean is not None:
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            if m.weight is not None:
+                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
+    return model
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
