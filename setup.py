@@ -65,14 +65,15 @@ def _extension():
         if found:
             include_dirs.append(str(found / rel))
     frontend = _find("include/cudnn_frontend.h")
-    cudnn_lib = _find("nvidia/cudnn/lib")
-    if frontend and cudnn_lib and (ROOT / cudnn_fused).exists():
+    cudnn_lib, nvrtc_lib = _find("nvidia/cudnn/lib/libcudnn.so.9"), _find("nvidia/cu13/lib")
+    if frontend and cudnn_lib and nvrtc_lib and (ROOT / cudnn_fused).exists():
         include_dirs.append(str(frontend / "include"))
         macros.append(("CNNFUSE_WITH_CUDNN_FRONTEND", None))
-        lib_dir = cudnn_lib / "nvidia/cudnn/lib"
-        library_dirs.append(str(lib_dir))
-        libraries.append(":libcudnn.so.9")
-        link_args.append(f"-Wl,-rpath,{lib_dir}")
+        # The same libcudnn and libnvrtc that torch loads; the frontend links both.
+        for lib_dir in (cudnn_lib / "nvidia/cudnn/lib", nvrtc_lib / "nvidia/cu13/lib"):
+            library_dirs.append(str(lib_dir))
+            link_args.append(f"-Wl,-rpath,{lib_dir}")
+        libraries += [":libcudnn.so.9", ":libnvrtc.so.13"]
     else:
         sources = [s for s in sources if s != cudnn_fused]
         print("cnnfuse: cuDNN frontend headers or libcudnn not found; building without the "

@@ -89,6 +89,13 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
         return FusedConv2d.from_conv(module)
     if not _has_conv(module):
         return module
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        # Neighbours in a Sequential are all a graph would show; staying a Sequential keeps
+        # `model.features[0]` working.
+        for name, child in list(module.named_children()):
+            setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
+        _fuse_sequential(module, report, prefix)
+        return module
     try:
         graph = _Tracer().trace(module)
     except Exception as exc:  # FX raises many types for data-dependent Python
@@ -96,12 +103,32 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160]))
         for name, child in list(module.named_children()):
             setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
-        if isinstance(module, nn.Sequential):
-            _fuse_sequential(module, report, prefix)
         return module
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     _GraphFuser(gm, report, prefix).run()
+    _restore_containers(gm, module)
     return gm
+
+
+def _restore_containers(gm: fx.GraphModule, original: nn.Module) -> None:
+    """GraphModule rebuilds the module path of each called leaf from plain nn.Modules; give
+    Sequentials and ModuleLists back their type so `fused.layer1[0]` still works. Children the
+    passes removed (folded BatchNorm, absorbed activations) become Identity."""
+    containers = [(path, m) for path, m in original.named_modules()
+                  if path and isinstance(m, (nn.Sequential, nn.ModuleList))]
+    for path, old in sorted(containers, key=lambda item: -item[0].count(".")):
+        try:
+            current = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(current) is not nn.Module:
+            continue
+        rebuilt = type(old).__new__(type(old))
+        nn.Module.__init__(rebuilt)
+        for name in old._modules:
+            rebuilt.add_module(name, current._modules.get(name) or nn.Identity())
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, rebuilt)
 
 
 def _bn_epilogue(bn: nn.Module) -> tuple[Optional[str], Optional[str]]:
@@ -157,6 +184,11 @@ class _GraphFuser:
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
 
     def run(self) -> None:
+        # Identity and eval-mode dropout compute nothing; dropping them exposes neighbours.
+        for node in list(self.graph.nodes):
+            if (isinstance(self._module(node), (nn.Identity, nn.modules.dropout._DropoutNd))
+                    and len(node.args) == 1 and not node.kwargs):
+                self._absorb(node, node.args[0])
         for node in list(self.graph.nodes):
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.Conv2d):
                 self._fuse_conv(node)

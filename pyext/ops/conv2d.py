@@ -16,9 +16,6 @@ from ..backend import requested_backend, triton_interpreting, warn_once
 from . import _check
 from .bias_act import bias_act_into
 
-# Activations that the cuDNN runtime-fusion graph expresses (see csrc/conv2d/cudnn_fused.cpp).
-CUDNN_FUSED_ACTIVATIONS = ("none", "relu", "relu6", "silu", "sigmoid", "gelu", "gelu_tanh")
-
 _tuner = autotune.Autotuner("conv2d")
 
 torch.library.define(
@@ -229,7 +226,7 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
             warn_once("conv2d: the Triton kernel has no grouped convolution yet; using cuDNN")
         default = "cudnn"
     if backend in ("auto", "cuda") or groups != 1:
-        if has_cudnn_frontend() and activation in CUDNN_FUSED_ACTIVATIONS:
+        if has_cudnn_frontend():
             candidates["cudnn_fused"] = functools.partial(_cudnn_fused, *args)
         candidates["cudnn"] = functools.partial(_library_conv, *args)
         if backend == "cuda":
