@@ -171,3 +171,30 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
     if dot_fp32:
         return dest.copy_(y)
     return y
+
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
+                  has_residual: bool = True, capability: int = 90):
+    """Compile the kernel for a GPU that need not be present (ptxas runs on the CPU); returns
+    Triton's CompiledKernel with its PTX and cubin, for checks and for warming caches."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _conv2d_kernel
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("compile_ahead needs TRITON_INTERPRET unset before Python starts")
+    constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], HAS_BIAS=True, HAS_RES=has_residual,
+                      ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                      DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                      BLOCK_K=config.block_k, GROUP_M=config.group_m)
+    pointers = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr")
+    signature = {name: "constexpr" if name in constexprs else
+                 f"*{_TRITON_DTYPES[dtype]}" if name in pointers else "i32"
+                 for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))

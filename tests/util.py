@@ -1,9 +1,10 @@
-"""Shared test helpers: fp64 references, the error bound of the op contract, random models."""
+"""Shared test helpers: the error bound of the op contract, randomised BatchNorm."""
 import os
 
 import pytest
 import torch
-from torch import nn
+
+from cnnfuse.bench.zoo import randomize_batchnorm  # noqa: F401  (re-exported for the tests)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -27,21 +28,6 @@ def assert_within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor,
     atol = atol_scale * max(ref64.abs().max().item(), 1.0)
     assert ours_err <= 2 * torch_err + atol, (
         f"error {ours_err:.3e} exceeds 2 x PyTorch's {torch_err:.3e} + {atol:.1e}")
-
-
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator = None) -> nn.Module:
-    """Fresh BatchNorm layers are identities and would hide folding bugs."""
-    g = generator or torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            if m.weight is not None:
-                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
-    return model
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,6 +3,7 @@ fused logits and the fusion coverage."""
 import torch
 
 import cnnfuse
+from cnnfuse.bench import zoo
 
 from ..util import randomize_batchnorm, relative_error
 
@@ -12,14 +13,7 @@ FP32_TOLERANCE = 2e-5
 
 
 def build(source: str, name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if source == "timm":
-        import timm
-        return timm.create_model(name, pretrained=False)
-    import torchvision
-    kwargs = {"aux_logits": False, "init_weights": False} if name in (
-        "googlenet", "inception_v3") else {}
-    return getattr(torchvision.models, name)(weights=None, **kwargs)
+    return zoo.build(f"timm/{name}" if source == "timm" else name)
 
 
 def check_model(model: torch.nn.Module, size: int, min_coverage: float = 0.95):

@@ -1,0 +1,58 @@
+"""Models by name with random weights and randomised BatchNorm, their input sizes and FLOPs."""
+import torch
+from torch import nn
+
+# H100 ceilings used for every floor: measured dense fp16/bf16 matmul and copy rates.
+PEAK_FLOPS = 790e12
+PEAK_BYTES = 3.0e12
+
+_INPUT_SIZE = {"inception_v3": 299, "inception_v4": 299, "inception_resnet_v2": 299}
+
+
+def input_size(name: str) -> int:
+    return _INPUT_SIZE.get(name.split("/")[-1], 224)
+
+
+def build(name: str) -> nn.Module:
+    """'resnet50' (torchvision) or 'timm/inception_v4'; random weights, eval mode."""
+    torch.manual_seed(0)
+    if name.startswith("timm/"):
+        import timm
+        model = timm.create_model(name[5:], pretrained=False)
+    else:
+        import torchvision
+        kwargs = {"aux_logits": False, "init_weights": False} if name in (
+            "googlenet", "inception_v3") else {}
+        model = getattr(torchvision.models, name)(weights=None, **kwargs)
+    return randomize_batchnorm(model).eval()
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator = None) -> nn.Module:
+    """Fresh BatchNorm layers are identities and would hide folding bugs."""
+    g = generator or torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+    return model
+
+
+def flops_per_image(model: nn.Module, size: int) -> float:
+    """Multiply-add FLOPs (x2) of one image, counted by PyTorch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import copy
+    meta = copy.deepcopy(model).to("meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.empty(1, 3, size, size, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def compute_floor_ms(flops: float) -> float:
+    return flops / PEAK_FLOPS * 1e3

@@ -1,0 +1,47 @@
+"""The Triton conv kernel compiled ahead of time for Hopper (sm_90) on this CPU-only machine:
+it must build at the tile shapes the autotuner offers and use the tensor cores (wgmma in the
+PTX, HGMMA in the SASS). Compiling needs TRITON_INTERPRET unset, so it runs in a subprocess."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CASES = [  # (config index in CONFIGS or explicit tile, dtype, kernel size)
+    ("CONFIGS[0]", "float16", (3, 3)),
+    ("CONFIGS[3]", "bfloat16", (1, 1)),
+    ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7)),
+    ("CONFIGS[5]", "float32", (7, 7)),
+]
+
+SCRIPT = """
+import sys, torch
+from cnnfuse.kernels.conv2d import CONFIGS, Conv2dConfig, compile_ahead
+config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
+compiled = compile_ahead(config, dtype, kernel, act_code=3)
+open(out + ".ptx", "w").write(compiled.asm["ptx"])
+open(out + ".cubin", "wb").write(compiled.asm["cubin"])
+"""
+
+
+def _cuobjdump():
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.parametrize("config, dtype, kernel", CASES,
+                         ids=[f"{c}-{d}-{k[0]}x{k[1]}" for c, d, k in CASES])
+def test_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "conv2d"
+    subprocess.run([sys.executable, "-c", SCRIPT, config, dtype, repr(kernel), str(out)],
+                   env=env, check=True, capture_output=True, text=True)
+    ptx = Path(f"{out}.ptx").read_text()
+    assert ".target sm_90a" in ptx
+    assert "wgmma.mma_async" in ptx, "no Hopper tensor-core MMA in the PTX"
+    if not _cuobjdump().exists():
+        pytest.skip("no cuobjdump in this Triton to read the SASS")
+    sass = subprocess.run([str(_cuobjdump()), "-sass", f"{out}.cubin"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "HGMMA" in sass, "no HGMMA instruction in the SASS"
