@@ -16,7 +16,6 @@ setup: $(VENV)/.built
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 

@@ -8,7 +8,8 @@ from torch import nn
 import cnnfuse
 from cnnfuse import FusedConv2d
 
-from ..util import randomize_batchnorm, relative_error
+from ..util import randomize_batchnorm, relative_error, triton_runnable
+from .harness import build
 
 
 def fuse_and_compare(model, x=None, tolerance=2e-5):
@@ -234,3 +235,32 @@ def test_explain_is_readable():
     report = cnnfuse.explain(randomize_batchnorm(Residual("plus")).eval())
     text = str(report)
     assert "3/3 conv sites fused (100.0%)" in text and "residual add" in text
+
+
+@pytest.mark.skipif(not triton_runnable(), reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_whole_model_on_the_triton_kernel(monkeypatch):
+    """Every conv of a fused ResNet-18 through the Triton kernel (interpreted on the CPU)."""
+    monkeypatch.setenv("CNNFUSE_BACKEND", "triton")
+    model = randomize_batchnorm(build("torchvision", "resnet18")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        got = cnnfuse.fuse(model)(x.contiguous(memory_format=torch.channels_last))
+    assert relative_error(got, expected) < 1e-4  # tf32 is off on the CPU: fp32 dots
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["resnet50", "googlenet", "inception_v3", "densenet121"])
+def test_fused_model_on_gpu(name, dtype):
+    model = build("torchvision", name)
+    size = 299 if name == "inception_v3" else 224
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        expected = model(x).double()
+        fast = cnnfuse.fuse(model, dtype=dtype).cuda()
+        got = fast(x.cuda().to(dtype).contiguous(memory_format=torch.channels_last))
+        eager = model.cuda().to(dtype)(x.cuda().to(dtype))
+    # within a few times of what PyTorch's own eager model loses in the same dtype
+    torch_err = relative_error(eager.cpu(), expected)
+    assert relative_error(got.cpu(), expected) <= 3 * torch_err + 1e-3
