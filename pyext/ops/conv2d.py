@@ -217,7 +217,8 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
     candidates = {}
     if backend in ("auto", "triton") and groups == 1:
         from ..kernels import conv2d as kernel
-        m = x.shape[0] * _empty_out_hw(x, weight, stride, padding, dilation)
+        oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        m = x.shape[0] * oh * ow
         for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1]):
             candidates[cfg.name] = functools.partial(_triton, cfg, *args)
         default = kernel.default_config(m, weight.shape[0], x.shape[1]).name
@@ -237,11 +238,6 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
                                                     groups, activation, residual),
                        tolerance=_TOLERANCE[x.dtype], default=default)
     return candidates[name]()
-
-
-def _empty_out_hw(x, weight, stride, padding, dilation) -> int:
-    oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    return oh * ow
 
 
 def _key(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest) -> str:
