@@ -92,8 +92,7 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         # Neighbours in a Sequential are all a graph would show; staying a Sequential keeps
         # `model.features[0]` working.
-        for name, child in list(module.named_children()):
-            setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
+        _fuse_children(module, report, prefix)
         _fuse_sequential(module, report, prefix)
         return module
     try:
@@ -101,13 +100,17 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
     except Exception as exc:  # FX raises many types for data-dependent Python
         report.untraceable.append((prefix.rstrip("."), f"{type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160]))
-        for name, child in list(module.named_children()):
-            setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
+        _fuse_children(module, report, prefix)
         return module
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     _GraphFuser(gm, report, prefix).run()
     _restore_containers(gm, module)
     return gm
+
+
+def _fuse_children(module: nn.Module, report: FusionReport, prefix: str) -> None:
+    for name, child in list(module.named_children()):
+        setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
 
 
 def _restore_containers(gm: fx.GraphModule, original: nn.Module) -> None:
@@ -126,7 +129,8 @@ def _restore_containers(gm: fx.GraphModule, original: nn.Module) -> None:
         rebuilt = type(old).__new__(type(old))
         nn.Module.__init__(rebuilt)
         for name in old._modules:
-            rebuilt.add_module(name, current._modules.get(name) or nn.Identity())
+            child = current._modules.get(name)
+            rebuilt.add_module(name, nn.Identity() if child is None else child)
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, rebuilt)
 

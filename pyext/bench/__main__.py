@@ -112,9 +112,11 @@ def main(argv=None) -> int:
         report = cnnfuse.explain(model)
         bar.update(1)
         bar.set_description("checking logits")
-        with cnnfuse.autotune.progress("autotuning conv shapes"):
-            err = check_correctness(model, fused, batch, size,
-                                    dtype if gpu else torch.float32, device)
+        if gpu:
+            with cnnfuse.autotune.progress("autotuning conv shapes"):
+                err = check_correctness(model, fused, batch, size, dtype, device)
+        else:
+            err = check_correctness(model, fused, batch, size, torch.float32, device)
         bar.update(1)
         results = time_providers(model, fused, args, size, dtype, bar) if gpu else {}
 
