@@ -295,3 +295,28 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, torch_conv(case, x, w, b, r, "relu", torch.float16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[10], CASES[-1]],
+                         ids=[str(c) for c in (CASES[0], CASES[2], CASES[10], CASES[-1])])
+def test_cudnn_fused_backend(case, activation):
+    """The cuDNN runtime-fusion graph on its own; shapes cuDNN has no engine for are skipped
+    (the autotuner then never offers it)."""
+    from cnnfuse._ext import has_cudnn_frontend
+    from cnnfuse.ref import activation_code
+    if not has_cudnn_frontend():
+        pytest.skip("cnnfuse._C built without the cuDNN frontend")
+    x, w, b, r = (t.cuda() for t in make(case, torch.float16, residual=True))
+    try:
+        y = torch.ops.cnnfuse.conv2d_cudnn(x, w, b, list(case.stride), list(case.padding),
+                                           list(case.dilation), case.groups,
+                                           activation_code(activation), r)
+    except RuntimeError as exc:
+        if "cudnn_fused: no engine" in str(exc):
+            pytest.skip(str(exc)[:120])
+        raise
+    ref64 = torch_conv(case, x.cpu(), w.cpu(), b.cpu(), r.cpu(), activation, torch.float64)
+    cudnn = torch_conv(case, x, w, b, r, activation, torch.float16).cpu()
+    assert_within_torch_error(y.cpu(), cudnn, ref64)
