@@ -36,6 +36,23 @@ def pair(name: str, v: Union[int, Sequence[int]], minimum: int) -> list[int]:
     return vals
 
 
+def epilogue(x: torch.Tensor, bias, residual, shape: Sequence[int]) -> None:
+    """bias (C_out,) in x's dtype or float32, residual shaped like the (N, C_out, H, W) result."""
+    if bias is not None:
+        tensor("bias", bias, 1)
+        same_dtype("bias", bias, x, also=(torch.float32,))
+        same_device("bias", bias, x)
+        if bias.shape[0] != shape[1]:
+            raise ValueError(f"bias has {bias.shape[0]} elements for {shape[1]} output channels")
+    if residual is not None:
+        tensor("residual", residual, 4)
+        same_dtype("residual", residual, x)
+        same_device("residual", residual, x)
+        if tuple(residual.shape) != tuple(shape):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; the output is "
+                             f"{tuple(shape)}")
+
+
 def out_slice(out, x: torch.Tensor, shape: Sequence[int], offset: int) -> torch.Tensor:
     """The channel slice of `out` that an op with output `shape` writes into."""
     tensor("out", out, 4)

@@ -44,18 +44,7 @@ def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None,
     _check.tensor("x", x, 4)
     _check.floating("x", x)
     ref.activation_code(activation)
-    if bias is not None:
-        _check.tensor("bias", bias, 1)
-        _check.same_dtype("bias", bias, x, also=(torch.float32,))
-        _check.same_device("bias", bias, x)
-        if bias.shape[0] != x.shape[1]:
-            raise ValueError(f"bias has {bias.shape[0]} elements but x has {x.shape[1]} channels")
-    if residual is not None:
-        _check.tensor("residual", residual, 4)
-        _check.same_dtype("residual", residual, x)
-        _check.same_device("residual", residual, x)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    _check.epilogue(x, bias, residual, x.shape)
     if out is None:
         dest = result = torch.empty_like(x, memory_format=torch.channels_last)
     else:

@@ -84,19 +84,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if oh < 1 or ow < 1:
         raise ValueError(f"the output would be {oh}x{ow}: input {h}x{w} is too small for kernel "
                          f"{r}x{s} with padding {pads}, dilation {dilation}")
-    if bias is not None:
-        _check.tensor("bias", bias, 1)
-        _check.same_dtype("bias", bias, x, also=(torch.float32,))
-        _check.same_device("bias", bias, x)
-        if bias.shape[0] != k:
-            raise ValueError(f"bias has {bias.shape[0]} elements but weight has {k} output channels")
-    if residual is not None:
-        _check.tensor("residual", residual, 4)
-        _check.same_dtype("residual", residual, x)
-        _check.same_device("residual", residual, x)
-        if tuple(residual.shape) != (n, k, oh, ow):
-            raise ValueError(f"residual has shape {tuple(residual.shape)}; the conv output is "
-                             f"{(n, k, oh, ow)}")
+    _check.epilogue(x, bias, residual, (n, k, oh, ow))
     if out is None:
         return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
                                         activation, residual)
