@@ -42,6 +42,9 @@ def fuse(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
         fused = fused.to(dtype)
     if memory_format is not None:
         fused = fused.to(memory_format=memory_format)
+    for m in fused.modules():
+        if isinstance(m, FusedConv2d):
+            m.pack_weight()  # .to(memory_format=...) re-lays out depthwise weights too
     return fused
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from .. import ops
 from ..backend import warn_once
 from ..ops.conv2d import output_hw
+from ..ops.depthwise_conv2d import pack_weight as pack_depthwise
 from ..ref import activation_code, apply_activation
 
 
@@ -57,11 +58,22 @@ class FusedConv2d(nn.Module):
             padding = (pw, pw, ph, ph)
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
                     conv.dilation, conv.groups, bias=conv.bias is not None)
-        fused.weight.data = conv.weight.detach().clone().contiguous(
-            memory_format=torch.channels_last)
+        fused.weight.data = conv.weight.detach().clone()
+        fused.pack_weight()
         if conv.bias is not None:
             fused.bias.data = conv.bias.detach().clone()
         return fused
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups == self.in_channels and self.weight.shape[1] == 1
+
+    def pack_weight(self) -> None:
+        """The layout the kernels read fastest: channels_last, or tap-major for depthwise
+        (16-byte channel vectors per tap). Any layout computes the same result."""
+        w = self.weight.data
+        self.weight.data = (pack_depthwise(w) if self.depthwise
+                            else w.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
     def fold_bn(self, bn: nn.BatchNorm2d) -> None:
@@ -78,8 +90,8 @@ class FusedConv2d(nn.Module):
         if bn.bias is not None:
             shift = shift + bn.bias.double()
         dtype, device = self.weight.dtype, self.weight.device
-        self.weight.data = (self.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(
-            memory_format=torch.channels_last)
+        self.weight.data = (self.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype)
+        self.pack_weight()
         self.bias = nn.Parameter(shift.to(dtype=dtype, device=device), requires_grad=False)
         self.folded_bn = True
 

@@ -3,15 +3,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../common/vec.h"
 #include "bias_act.h"
 
 namespace cnnfuse {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 // One thread handles VEC consecutive channels of one pixel. VEC > 1 only when every operand
 // has unit channel stride and 16-byte-aligned rows, so each access is one wide load/store.
@@ -50,13 +46,6 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ b
       *op = ov.v[0];
     }
   }
-}
-
-bool rows_aligned(const at::Tensor& t, int64_t vec_bytes) {
-  const int64_t item = t.element_size();
-  return t.stride(1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % vec_bytes == 0 &&
-         (t.stride(0) * item) % vec_bytes == 0 && (t.stride(2) * item) % vec_bytes == 0 &&
-         (t.stride(3) * item) % vec_bytes == 0;
 }
 
 template <typename T, typename B, int VEC>

@@ -5,20 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
-#include <cstdint>
-
 #include "../common/activation.h"
+#include "../common/nhwc.h"
 
 namespace cnnfuse {
-
-// Strides of one (N, C, H, W) operand, in elements.
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-inline Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 struct BiasActShape {
   int64_t N, C, H, W;
@@ -31,6 +21,5 @@ void check_bias_act(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
 
 BiasActShape bias_act_shape(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                             const at::Tensor& out);
-
 
 }  // namespace cnnfuse

@@ -1,5 +1,6 @@
 """Public functional ops; each is also a torch.library op under torch.ops.cnnfuse."""
 from .bias_act import bias_act
 from .conv2d import conv2d
+from .depthwise_conv2d import depthwise_conv2d
 
-__all__ = ["bias_act", "conv2d"]
+__all__ = ["bias_act", "conv2d", "depthwise_conv2d"]

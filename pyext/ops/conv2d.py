@@ -15,6 +15,7 @@ from .._ext import has_cudnn_frontend
 from ..backend import requested_backend, triton_interpreting, warn_once
 from . import _check
 from .bias_act import bias_act_into
+from .depthwise_conv2d import depthwise_conv2d_into, is_depthwise
 
 _tuner = autotune.Autotuner("conv2d")
 
@@ -52,17 +53,9 @@ def output_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, i
     return oh, ow
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           stride: Union[int, Sequence[int]] = 1, padding=0,
-           dilation: Union[int, Sequence[int]] = 1, groups: int = 1, *,
-           activation: str = "none", residual: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
-    """y = act(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual).
-
-    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. With `out`
-    (N, C_total, OH, OW), y lands in channels [out_channel_offset, +C_out) and `out` is
-    returned. Inference only: no autograd.
-    """
+def plan(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+    """Checks the arguments of a convolution; returns (stride, padding as (left, right, top,
+    bottom), dilation, output shape)."""
     _check.tensor("x", x, 4)
     _check.tensor("weight", weight, 4)
     _check.floating("x", x)
@@ -85,10 +78,26 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         raise ValueError(f"the output would be {oh}x{ow}: input {h}x{w} is too small for kernel "
                          f"{r}x{s} with padding {pads}, dilation {dilation}")
     _check.epilogue(x, bias, residual, (n, k, oh, ow))
+    return stride, pads, dilation, (n, k, oh, ow)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: Union[int, Sequence[int]] = 1, padding=0,
+           dilation: Union[int, Sequence[int]] = 1, groups: int = 1, *,
+           activation: str = "none", residual: Optional[torch.Tensor] = None,
+           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+    """y = act(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual).
+
+    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. With `out`
+    (N, C_total, OH, OW), y lands in channels [out_channel_offset, +C_out) and `out` is
+    returned. Inference only: no autograd.
+    """
+    stride, pads, dilation, shape = plan(x, weight, bias, stride, padding, dilation, groups,
+                                         activation, residual)
     if out is None:
         return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
                                         activation, residual)
-    _check.out_slice(out, x, (n, k, oh, ow), out_channel_offset)
+    _check.out_slice(out, x, shape, out_channel_offset)
     torch.ops.cnnfuse.conv2d_into(x, weight, bias, stride, pads, dilation, groups, activation,
                                   residual, out, out_channel_offset)
     return out
@@ -159,6 +168,12 @@ def _library_conv(x, weight, bias, stride, padding, dilation, groups, activation
     return dest
 
 
+def _depthwise(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+    dest = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
+    return depthwise_conv2d_into(x, weight, bias, stride, padding, dilation, activation,
+                                 residual, dest)
+
+
 def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
     y = torch.ops.cnnfuse.conv2d_cudnn(x, weight, bias, stride, padding, dilation, groups,
                                        ref.activation_code(activation), residual)
@@ -180,6 +195,7 @@ _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
 def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
     args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
     backend = requested_backend()
+    depthwise = is_depthwise(x, weight, groups)
     if x.device.type != "cuda":
         if backend == "triton":
             if triton_interpreting() and groups == 1:
@@ -188,7 +204,8 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
             warn_once("conv2d: the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 "
                       "and for groups == 1; using the reference")
         elif backend == "cuda":
-            return _library_conv(*args)
+            # The CPU build of the CUDA C++ kernels: the same code paths the GPU runs.
+            return _depthwise(*args) if depthwise else _library_conv(*args)
         return _reference(*args)
     if backend == "reference":
         return _reference(*args)
@@ -199,7 +216,8 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    weight = weight.contiguous(memory_format=torch.channels_last)
+    if not depthwise:  # depthwise weights keep their (possibly tap-major) layout
+        weight = weight.contiguous(memory_format=torch.channels_last)
     args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
 
     candidates = {}
@@ -210,6 +228,9 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1]):
             candidates[cfg.name] = functools.partial(_triton, cfg, *args)
         default = kernel.default_config(m, weight.shape[0], x.shape[1]).name
+    elif depthwise and backend in ("auto", "cuda"):
+        candidates["depthwise"] = functools.partial(_depthwise, *args)
+        default = "depthwise"
     else:
         if backend == "triton":
             warn_once("conv2d: the Triton kernel has no grouped convolution yet; using cuDNN")
@@ -218,7 +239,7 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         if has_cudnn_frontend():
             candidates["cudnn_fused"] = functools.partial(_cudnn_fused, *args)
         candidates["cudnn"] = functools.partial(_library_conv, *args)
-        if backend == "cuda":
+        if backend == "cuda" and not depthwise:
             default = "cudnn"
     key = _key(*args)
     name = _tuner.pick(key, candidates,

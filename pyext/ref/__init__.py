@@ -2,5 +2,6 @@
 from .activation import ACTIVATIONS, activation_code, apply_activation
 from .bias_act import bias_act
 from .conv2d import conv2d
+from .depthwise_conv2d import depthwise_conv2d
 
-__all__ = ["ACTIVATIONS", "activation_code", "apply_activation", "bias_act", "conv2d"]
+__all__ = ["ACTIVATIONS", "activation_code", "apply_activation", "bias_act", "conv2d", "depthwise_conv2d"]
