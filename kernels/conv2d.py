@@ -6,6 +6,11 @@ loop is a plain strided GEMM that Triton software-pipelines; flattening (r, s, c
 loop costs a div/mod per step and measured slower. Every tensor is addressed through its
 strides, so the output may be a channel slice of a wider buffer (concat-free outputs) at no
 extra cost, and the weight is read in its stored layout (channels_last keeps c contiguous).
+
+Grouped convolution (GROUPED): a tile of output channels reads only the input channels of the
+groups it spans, and the weight tile is masked to its block diagonal. Narrow groups (ResNeXt's
+4 to 32 channels) are thus packed several to a tile: every loaded byte is useful and the
+tensor cores still run, at the price of multiplying zeros, which a memory-bound layer affords.
 """
 from dataclasses import dataclass
 
@@ -46,12 +51,32 @@ CONFIGS = (
     Conv2dConfig(32, 32, 32, 2, 4),
 )
 
+# Grouped convs: narrow N tiles keep the zero blocks of the packed weight tile small.
+GROUPED_CONFIGS = (
+    Conv2dConfig(128, 16, 16, 4, 3),
+    Conv2dConfig(256, 16, 16, 4, 3),
+    Conv2dConfig(128, 32, 32, 4, 3),
+    Conv2dConfig(256, 32, 32, 8, 3),
+    Conv2dConfig(64, 32, 32, 4, 4),
+    Conv2dConfig(128, 64, 64, 4, 3),
+    Conv2dConfig(64, 64, 64, 4, 3),
+    Conv2dConfig(128, 128, 64, 8, 3),
+)
+
 # Large tiles keep the interpreter's per-program overhead down on the CPU.
 INTERPRETER_CONFIG = Conv2dConfig(64, 64, 32, 4, 1)
+INTERPRETER_GROUPED_CONFIG = Conv2dConfig(64, 16, 16, 4, 1)
 
 
-def candidate_configs(m: int, k: int, c: int) -> list[Conv2dConfig]:
+def candidate_configs(m: int, k: int, c: int, groups: int = 1) -> list[Conv2dConfig]:
     """Configs worth timing for a GEMM of m rows, k output channels, c input channels."""
+    if groups > 1:
+        kg = k // groups
+        # a tile should not span more groups than it must, nor half-fill one group
+        return [cfg for cfg in GROUPED_CONFIGS
+                if cfg.block_n <= max(16, triton.next_power_of_2(min(k, max(kg, 32))))
+                and cfg.block_m <= max(64, triton.next_power_of_2(m))] or [GROUPED_CONFIGS[0]]
+
     def fits(cfg):
         return (cfg.block_n <= max(32, triton.next_power_of_2(k))
                 and cfg.block_k <= max(32, triton.next_power_of_2(c))
@@ -59,14 +84,14 @@ def candidate_configs(m: int, k: int, c: int) -> list[Conv2dConfig]:
     return [cfg for cfg in CONFIGS if fits(cfg)] or [CONFIGS[-1]]
 
 
-def default_config(m: int, k: int, c: int) -> Conv2dConfig:
+def default_config(m: int, k: int, c: int, groups: int = 1) -> Conv2dConfig:
     """Untimed pick (CUDA graph capture, autotuning off): the largest tile the shape fills."""
     sm_count = 132
-    for cfg in candidate_configs(m, k, c):
+    for cfg in candidate_configs(m, k, c, groups):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n)
         if tiles >= sm_count:
             return cfg
-    return candidate_configs(m, k, c)[-1]
+    return candidate_configs(m, k, c, groups)[-1]
 
 
 @triton.jit
@@ -77,8 +102,8 @@ def _conv2d_kernel(
     swk, swc, swr, sws,
     srn, src, srh, srw,
     syn, syc, syh, syw,
-    stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr,
+    stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, CG, KG,
+    R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -106,8 +131,19 @@ def _conv2d_kernel(
     ih0 = oh * stride_h - pad_t
     iw0 = ow * stride_w - pad_l
 
+    if GROUPED:
+        # input channels [c_lo, c_hi) of the groups that output channels n0 .. n1 belong to
+        n1 = tl.minimum(pid_n * BLOCK_N + BLOCK_N, K) - 1
+        c_lo = (pid_n * BLOCK_N // KG) * CG
+        c_hi = (n1 // KG + 1) * CG
+        w_cols = w_ptr + offs_n[None, :].to(tl.int64) * swk - ((offs_n // KG) * CG)[None, :] * swc
+        group_n = offs_n // KG
+    else:
+        c_lo = 0
+        c_hi = C
+        w_cols = w_ptr + offs_n[None, :].to(tl.int64) * swk
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * swk
     for r in range(R):
         ih = ih0 + r * dil_h
         row_ok = mask_m & (ih >= 0) & (ih < H)
@@ -116,11 +152,14 @@ def _conv2d_kernel(
             ok = row_ok & (iw >= 0) & (iw < W)
             x_rows = x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
             w_rs = w_cols + r * swr + s * sws
-            for c0 in range(0, C, BLOCK_K):
+            for c0 in range(c_lo, c_hi, BLOCK_K):
                 cs = c0 + offs_k
-                c_ok = cs < C
+                c_ok = cs < c_hi
                 a = tl.load(x_rows + cs[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_rs + cs[:, None] * swc, mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                w_ok = c_ok[:, None] & mask_n[None, :]
+                if GROUPED:  # block diagonal: channel c feeds output n only within one group
+                    w_ok = w_ok & ((cs // CG)[:, None] == group_n[None, :])
+                b = tl.load(w_rs + cs[:, None] * swc, mask=w_ok, other=0.0)
                 if DOT_FP32:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -142,10 +181,11 @@ def _conv2d_kernel(
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
            stride, padding, dilation, act_code: int, config: Conv2dConfig,
            allow_tf32: bool = True) -> torch.Tensor:
-    """Launch on already-validated tensors: groups == 1, padding = (left, right, top, bottom);
-    y is the (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer."""
+    """Launch on already-validated tensors; padding = (left, right, top, bottom); y is the
+    (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer."""
     N, C, H, W = x.shape
-    K, _, R, S = weight.shape
+    K, CG, R, S = weight.shape
+    groups = C // CG
     _, _, OH, OW = y.shape
     precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
     # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
@@ -162,8 +202,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
         x, weight, bias if bias is not None else y, res, y,
         N, C, H, W, K, OH, OW,
         *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
-        stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1],
-        R=R, S=S, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
+        stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1], CG, K // groups,
+        R=R, S=S, GROUPED=groups > 1, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
         PRECISION=precision, DOT_FP32=dot_fp32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -177,7 +217,7 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 
 
 def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
-                  has_residual: bool = True, capability: int = 90):
+                  has_residual: bool = True, grouped: bool = False, capability: int = 90):
     """Compile the kernel for a GPU that need not be present (ptxas runs on the CPU); returns
     Triton's CompiledKernel with its PTX and cubin, for checks and for warming caches."""
     from triton.backends.compiler import GPUTarget
@@ -186,7 +226,7 @@ def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), ac
     fn = _conv2d_kernel
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("compile_ahead needs TRITON_INTERPRET unset before Python starts")
-    constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], HAS_BIAS=True, HAS_RES=has_residual,
+    constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_BIAS=True, HAS_RES=has_residual,
                       ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, GROUP_M=config.group_m)

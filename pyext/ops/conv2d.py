@@ -198,11 +198,12 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
     depthwise = is_depthwise(x, weight, groups)
     if x.device.type != "cuda":
         if backend == "triton":
-            if triton_interpreting() and groups == 1:
-                from ..kernels.conv2d import INTERPRETER_CONFIG
-                return _triton(INTERPRETER_CONFIG, *args)
-            warn_once("conv2d: the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 "
-                      "and for groups == 1; using the reference")
+            if triton_interpreting():
+                from ..kernels import conv2d as kernel
+                return _triton(kernel.INTERPRETER_CONFIG if groups == 1
+                               else kernel.INTERPRETER_GROUPED_CONFIG, *args)
+            warn_once("conv2d: the Triton kernel runs on CPU tensors only under "
+                      "TRITON_INTERPRET=1; using the reference")
         elif backend == "cuda":
             # The CPU build of the CUDA C++ kernels: the same code paths the GPU runs.
             return _depthwise(*args) if depthwise else _library_conv(*args)
@@ -221,21 +222,19 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
     args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
 
     candidates = {}
-    if backend in ("auto", "triton") and groups == 1:
+    if depthwise and backend in ("auto", "cuda"):
+        candidates["depthwise"] = functools.partial(_depthwise, *args)
+        default = "depthwise"
+    elif backend in ("auto", "triton"):
         from ..kernels import conv2d as kernel
         oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
         m = x.shape[0] * oh * ow
-        for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1]):
+        for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1], groups):
             candidates[cfg.name] = functools.partial(_triton, cfg, *args)
-        default = kernel.default_config(m, weight.shape[0], x.shape[1]).name
-    elif depthwise and backend in ("auto", "cuda"):
-        candidates["depthwise"] = functools.partial(_depthwise, *args)
-        default = "depthwise"
+        default = kernel.default_config(m, weight.shape[0], x.shape[1], groups).name
     else:
-        if backend == "triton":
-            warn_once("conv2d: the Triton kernel has no grouped convolution yet; using cuDNN")
         default = "cudnn"
-    if backend in ("auto", "cuda") or groups != 1:
+    if backend in ("auto", "cuda"):
         if has_cudnn_frontend():
             candidates["cudnn_fused"] = functools.partial(_cudnn_fused, *args)
         candidates["cudnn"] = functools.partial(_library_conv, *args)

@@ -58,6 +58,10 @@ CASES = [
     Case(1, 5, 12, 12, 6, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2)),
     Case(1, 70, 5, 4, 40, (3, 3), padding=(1, 1, 1, 1)),                  # several c blocks
     Case(2, 8, 7, 9, 12, (3, 3), padding=(1, 1, 1, 1), groups=4),
+    Case(2, 32, 7, 6, 32, (3, 3), padding=(1, 1, 1, 1), groups=8),           # ResNeXt: 4 per group
+    Case(1, 48, 6, 7, 40, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=8),  # 6 in, 5 out
+    Case(1, 64, 5, 5, 96, (1, 1), groups=2),                              # groups wider than a tile
+    Case(1, 12, 6, 6, 12, (3, 3), padding=(1, 1, 1, 1), groups=12),       # depthwise through Triton
 ]
 CASE_IDS = [str(c) for c in CASES]
 
@@ -128,8 +132,7 @@ def test_reference_activations(activation, backend):
 # ------------------------------------------------------------------ Triton kernel
 
 @needs_triton
-@pytest.mark.parametrize("case", [c for c in CASES if c.groups == 1],
-                         ids=[str(c) for c in CASES if c.groups == 1])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton(case, dtype, backend):
     backend("triton")
@@ -187,14 +190,14 @@ def test_library_conv_path(backend):
        w=st.integers(1, 12), kh=st.integers(1, 5), kw=st.integers(1, 5), sh=st.integers(1, 3),
        sw=st.integers(1, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
        pads=st.tuples(*[st.integers(0, 3)] * 4), activation=st.sampled_from(ACTIVATIONS),
-       residual=st.booleans(), dtype=st.sampled_from(DTYPES))
+       residual=st.booleans(), dtype=st.sampled_from(DTYPES), groups=st.sampled_from([1, 1, 2, 3]))
 def test_triton_random_configurations(n, c, k, h, w, kh, kw, sh, sw, dh, dw, pads, activation,
-                                      residual, dtype):
+                                      residual, dtype, groups):
     import os
     os.environ["CNNFUSE_BACKEND"] = "triton"
     try:
-        case = Case(n, c, h + dh * (kh - 1), w + dw * (kw - 1), k, (kh, kw), (sh, sw), pads,
-                    (dh, dw))
+        case = Case(n, c * groups, h + dh * (kh - 1), w + dw * (kw - 1), k * groups, (kh, kw),
+                    (sh, sw), pads, (dh, dw), groups)
         check(case, dtype, activation, residual)
     finally:
         del os.environ["CNNFUSE_BACKEND"]
