@@ -8,18 +8,20 @@ from pathlib import Path
 
 import pytest
 
-CASES = [  # (config index in CONFIGS or explicit tile, dtype, kernel size)
-    ("CONFIGS[0]", "float16", (3, 3)),
-    ("CONFIGS[3]", "bfloat16", (1, 1)),
-    ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7)),
-    ("CONFIGS[5]", "float32", (7, 7)),
+CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or explicit tile, dtype, kernel size, grouped)
+    ("CONFIGS[0]", "float16", (3, 3), False),
+    ("CONFIGS[3]", "bfloat16", (1, 1), False),
+    ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False),
+    ("CONFIGS[5]", "float32", (7, 7), False),
+    ("GROUPED_CONFIGS[0]", "float16", (3, 3), True),
+    ("GROUPED_CONFIGS[2]", "bfloat16", (3, 3), True),
 ]
 
 SCRIPT = """
 import sys, torch
-from cnnfuse.kernels.conv2d import CONFIGS, Conv2dConfig, compile_ahead
+from cnnfuse.kernels.conv2d import CONFIGS, GROUPED_CONFIGS, Conv2dConfig, compile_ahead
 config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
-compiled = compile_ahead(config, dtype, kernel, act_code=3)
+compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True")
 open(out + ".ptx", "w").write(compiled.asm["ptx"])
 open(out + ".cubin", "wb").write(compiled.asm["cubin"])
 """
@@ -30,12 +32,13 @@ def _cuobjdump():
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-@pytest.mark.parametrize("config, dtype, kernel", CASES,
-                         ids=[f"{c}-{d}-{k[0]}x{k[1]}" for c, d, k in CASES])
-def test_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, tmp_path):
+@pytest.mark.parametrize("config, dtype, kernel, grouped", CASES,
+                         ids=[f"{c}-{d}-{k[0]}x{k[1]}{'-grouped' * g}" for c, d, k, g in CASES])
+def test_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, grouped, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "conv2d"
-    subprocess.run([sys.executable, "-c", SCRIPT, config, dtype, repr(kernel), str(out)],
+    subprocess.run([sys.executable, "-c", SCRIPT, config, dtype, repr(kernel), str(out),
+                    str(grouped)],
                    env=env, check=True, capture_output=True, text=True)
     ptx = Path(f"{out}.ptx").read_text()
     assert ".target sm_90a" in ptx
