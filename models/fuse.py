@@ -13,7 +13,8 @@ import torch
 from torch import fx, nn
 
 from .fused_conv import FusedConv2d
-from .patterns import activation_of_module, activation_of_node, residual_operands
+from .patterns import (activation_of_module, activation_of_node, inference_passthrough,
+                       residual_operands)
 from .report import FusionReport
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,11 +192,12 @@ class _GraphFuser:
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
 
     def run(self) -> None:
-        # Identity and eval-mode dropout compute nothing; dropping them exposes neighbours.
+        # Identity, dropout and stochastic depth compute nothing at inference; dropping them
+        # exposes neighbours (the residual add after an MBConv's stochastic depth).
         for node in list(self.graph.nodes):
-            if (isinstance(self._module(node), (nn.Identity, nn.modules.dropout._DropoutNd))
-                    and len(node.args) == 1 and not node.kwargs):
-                self._absorb(node, node.args[0])
+            source = inference_passthrough(node, self.modules)
+            if isinstance(source, fx.Node):
+                self._absorb(node, source)
         for node in list(self.graph.nodes):
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.Conv2d):
                 self._fuse_conv(node)

@@ -1,5 +1,6 @@
 """What the fusion passes recognise: activations in module, function and method form, and
 residual adds. Tables, not code per model: every family written with these ops is covered."""
+import functools
 import operator
 from typing import Optional
 
@@ -47,6 +48,36 @@ def activation_of_node(node: fx.Node, modules: dict) -> Optional[str]:
         return None
     if node.op == "call_method" and node.target in _ACT_METHODS:
         return _ACT_METHODS[node.target] if len(node.args) == 1 else None
+    return None
+
+
+@functools.cache
+def _stochastic_depth():
+    """torchvision's stochastic_depth (FX keeps it as a call), if torchvision is installed."""
+    try:
+        from torchvision.ops import stochastic_depth
+        return stochastic_depth
+    except ImportError:
+        return None
+
+
+def inference_passthrough(node: fx.Node, modules: dict) -> Optional[fx.Node]:
+    """The input of a node that is the identity at inference (Identity, eval-mode dropout,
+    stochastic depth / drop path with training off), else None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        identity = isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
+            type(m).__name__ in ("StochasticDepth", "DropPath") and not m.training)
+        ok = identity and len(node.args) == 1 and not node.kwargs
+        return node.args[0] if ok else None
+    if node.op != "call_function" or not node.args:
+        return None
+    if node.target in (F.dropout, F.dropout2d, F.alpha_dropout):
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return node.args[0] if training is False else None
+    if _stochastic_depth() is not None and node.target is _stochastic_depth():
+        training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
+        return node.args[0] if training is False else None
     return None
 
 

@@ -251,7 +251,9 @@ def test_whole_model_on_the_triton_kernel(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", ["resnet50", "googlenet", "inception_v3", "densenet121"])
+@pytest.mark.parametrize("name", ["resnet50", "googlenet", "inception_v3", "densenet121",
+                                  "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large",
+                                  "efficientnet_b0", "shufflenet_v2_x1_0"])
 def test_fused_model_on_gpu(name, dtype):
     model = build("torchvision", name)
     size = 299 if name == "inception_v3" else 224

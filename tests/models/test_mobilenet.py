@@ -1,0 +1,40 @@
+"""MobileNet v2/v3 and MnasNet: inverted residuals (1x1 expand, depthwise, 1x1 project + add),
+ReLU6 / Hardswish, and v3's squeeze-and-excitation with a hard-sigmoid gate."""
+import pytest
+import torch
+
+import cnnfuse
+
+from ..util import randomize_batchnorm, relative_error
+from .harness import FP32_TOLERANCE, build, check_model
+
+# (source, model, residual adds, activation counts)
+MODELS = [
+    ("torchvision", "mobilenet_v2", 10, {"relu6": 35}),
+    ("torchvision", "mobilenet_v3_small", 6, {"hardswish": 18, "relu": 14, "hardsigmoid": 9}),
+    ("torchvision", "mobilenet_v3_large", 10, {"hardswish": 20, "relu": 19, "hardsigmoid": 8}),
+    ("torchvision", "mnasnet1_0", 10, {"relu": 35}),
+    ("timm", "mobilenetv2_100", 10, {"relu6": 35}),
+]
+
+
+@pytest.mark.parametrize("source, name, adds, acts", MODELS,
+                         ids=[f"{s}-{n}" for s, n, _, _ in MODELS])
+def test_fuse(source, name, adds, acts):
+    report = check_model(build(source, name), size=64)
+    assert report.coverage == 1.0, str(report)
+    assert report.fused["residual add"] == adds
+    for act, count in acts.items():
+        assert report.fused[f"activation {act}"] == count, str(report)
+
+
+def test_mobilenet_v2_on_the_cpp_kernels(backend):
+    """The whole model through the CPU build of the CUDA C++ kernels: depthwise convs on the
+    depthwise kernel, the others on PyTorch's conv + the bias_act epilogue."""
+    backend("cuda")
+    model = randomize_batchnorm(build("torchvision", "mobilenet_v2")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = cnnfuse.fuse(model)(x.contiguous(memory_format=torch.channels_last))
+    assert relative_error(got, expected) < FP32_TOLERANCE

@@ -1,0 +1,11 @@
+"""SE-ResNet: squeeze-and-excitation on the bottleneck output before the residual add; the add
+lands in the downsample projection's epilogue where the block has one."""
+from .harness import build, check_model
+
+
+def test_fuse():
+    report = check_model(build("timm", "seresnet50"), size=64)
+    assert report.coverage == 1.0, str(report)
+    assert report.fused["batchnorm folded"] == 53
+    assert report.fused["activation sigmoid"] == 16
+    assert report.fused["residual add"] == 4
