@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .activation import apply_activation
+from .aot import compile_for
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,14 @@ def default_config(m: int, k: int, c: int, groups: int = 1) -> Conv2dConfig:
 
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr,
     N, C, H, W, K, OH, OW,
-    sxn, sxc, sxh, sxw,
+    sxn, sxc, sxh, sxw, ssn, ssc,
     swk, swc, swr, sws,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, CG, KG,
-    R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -156,6 +157,12 @@ def _conv2d_kernel(
                 cs = c0 + offs_k
                 c_ok = cs < c_hi
                 a = tl.load(x_rows + cs[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                if HAS_SCALE:  # squeeze-excitation gate, applied as the input tile loads
+                    g = tl.load(scale_ptr + n[:, None] * ssn + cs[None, :] * ssc,
+                                mask=mask_m[:, None] & c_ok[None, :], other=0.0)
+                    a = a.to(tl.float32) * g.to(tl.float32)
+                    if not DOT_FP32:  # rounded as PyTorch's own multiply would
+                        a = a.to(x_ptr.dtype.element_ty)
                 w_ok = c_ok[:, None] & mask_n[None, :]
                 if GROUPED:  # block diagonal: channel c feeds output n only within one group
                     w_ok = w_ok & ((cs // CG)[:, None] == group_n[None, :])
@@ -180,9 +187,10 @@ def _conv2d_kernel(
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
            stride, padding, dilation, act_code: int, config: Conv2dConfig,
-           allow_tf32: bool = True) -> torch.Tensor:
+           allow_tf32: bool = True, input_scale=None) -> torch.Tensor:
     """Launch on already-validated tensors; padding = (left, right, top, bottom); y is the
-    (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer."""
+    (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer; input_scale
+    is an optional (N, C) per-image channel scale applied as x loads."""
     N, C, H, W = x.shape
     K, CG, R, S = weight.shape
     groups = C // CG
@@ -198,12 +206,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
             memory_format=torch.channels_last)
     res = residual if residual is not None else y
     grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
+    scale = input_scale if input_scale is not None else y
     _conv2d_kernel[grid](
-        x, weight, bias if bias is not None else y, res, y,
+        x, weight, bias if bias is not None else y, res, y, scale,
         N, C, H, W, K, OH, OW,
-        *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
+        *x.stride(), scale.stride(0), scale.stride(1), *weight.stride(), *res.stride(),
+        *y.stride(),
         stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1], CG, K // groups,
-        R=R, S=S, GROUPED=groups > 1, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
+        R=R, S=S, GROUPED=groups > 1, HAS_SCALE=input_scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
         PRECISION=precision, DOT_FP32=dot_fp32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -213,28 +223,15 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
     return y
 
 
-_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
-                  has_residual: bool = True, grouped: bool = False, capability: int = 90):
-    """Compile the kernel for a GPU that need not be present (ptxas runs on the CPU); returns
-    Triton's CompiledKernel with its PTX and cubin, for checks and for warming caches."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = _conv2d_kernel
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise RuntimeError("compile_ahead needs TRITON_INTERPRET unset before Python starts")
-    constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_BIAS=True, HAS_RES=has_residual,
+                  has_residual: bool = True, grouped: bool = False, has_scale: bool = False,
+                  capability: int = 90):
+    """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
+    constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_SCALE=has_scale,
+                      HAS_BIAS=True, HAS_RES=has_residual,
                       ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, GROUP_M=config.group_m)
-    pointers = ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr")
-    signature = {name: "constexpr" if name in constexprs else
-                 f"*{_TRITON_DTYPES[dtype]}" if name in pointers else "i32"
-                 for name in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    pointers = dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "scale_ptr"), dtype)
+    return compile_for(_conv2d_kernel, constexprs, pointers, config.num_warps, config.num_stages,
+                       capability)

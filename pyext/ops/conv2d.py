@@ -1,4 +1,7 @@
-"""cnnfuse::conv2d — y = act(conv2d(x, w) + bias + residual), optionally into a channel slice.
+"""cnnfuse::conv2d — y = act(conv2d(x · s, w) + bias + residual), optionally into a channel slice.
+
+`s` is an optional per-image, per-channel input scale (N, C): a squeeze-and-excitation gate
+applied in the kernel's load stage instead of as a pass of its own.
 
 Two schemas share one implementation: `conv2d` returns a new channels_last tensor, and
 `conv2d_into` writes into channels [offset, offset + K) of a wider buffer, which is how
@@ -53,7 +56,8 @@ def output_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, i
     return oh, ow
 
 
-def plan(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+def plan(x, weight, bias, stride, padding, dilation, groups, activation, residual,
+         input_scale=None):
     """Checks the arguments of a convolution; returns (stride, padding as (left, right, top,
     bottom), dilation, output shape)."""
     _check.tensor("x", x, 4)
@@ -78,6 +82,13 @@ def plan(x, weight, bias, stride, padding, dilation, groups, activation, residua
         raise ValueError(f"the output would be {oh}x{ow}: input {h}x{w} is too small for kernel "
                          f"{r}x{s} with padding {pads}, dilation {dilation}")
     _check.epilogue(x, bias, residual, (n, k, oh, ow))
+    if input_scale is not None:
+        _check.tensor("input_scale", input_scale, 2)
+        _check.same_dtype("input_scale", input_scale, x, also=(torch.float32,))
+        _check.same_device("input_scale", input_scale, x)
+        if tuple(input_scale.shape) != (n, c):
+            raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}; x needs "
+                             f"({n}, {c})")
     return stride, pads, dilation, (n, k, oh, ow)
 
 
@@ -85,47 +96,55 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            stride: Union[int, Sequence[int]] = 1, padding=0,
            dilation: Union[int, Sequence[int]] = 1, groups: int = 1, *,
            activation: str = "none", residual: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
-    """y = act(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual).
+           input_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+           out_channel_offset: int = 0) -> torch.Tensor:
+    """y = act(conv2d(x · input_scale, weight, stride, padding, dilation, groups) + bias
+    + residual).
 
-    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. With `out`
-    (N, C_total, OH, OW), y lands in channels [out_channel_offset, +C_out) and `out` is
-    returned. Inference only: no autograd.
+    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. input_scale: (N, C)
+    multiplies input channels per image (x · s is rounded to x's dtype, as PyTorch's own
+    multiply would). With `out` (N, C_total, OH, OW), y lands in channels
+    [out_channel_offset, +C_out) and `out` is returned. Inference only: no autograd.
     """
     stride, pads, dilation, shape = plan(x, weight, bias, stride, padding, dilation, groups,
-                                         activation, residual)
+                                         activation, residual, input_scale)
     if out is None:
         return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
-                                        activation, residual)
+                                        activation, residual, input_scale)
     _check.out_slice(out, x, shape, out_channel_offset)
     torch.ops.cnnfuse.conv2d_into(x, weight, bias, stride, pads, dilation, groups, activation,
-                                  residual, out, out_channel_offset)
+                                  residual, input_scale, out, out_channel_offset)
     return out
 
 
 @torch.library.custom_op("cnnfuse::conv2d", mutates_args=())
 def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                stride: list[int], padding: list[int], dilation: list[int], groups: int,
-               activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, None)
+               activation: str, residual: Optional[torch.Tensor],
+               input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run(x, weight, bias, stride, padding, dilation, groups, activation, residual,
+                input_scale, None)
 
 
 @torch.library.custom_op("cnnfuse::conv2d_into", mutates_args=("out",))
 def _conv2d_into_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                    activation: str, residual: Optional[torch.Tensor], out: torch.Tensor,
+                    activation: str, residual: Optional[torch.Tensor],
+                    input_scale: Optional[torch.Tensor], out: torch.Tensor,
                     out_channel_offset: int) -> None:
     dest = out.narrow(1, out_channel_offset, weight.shape[0])
-    _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+    _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
+         dest)
 
 
 @_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, residual):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale):
     return _empty_out(x, weight, stride, padding, dilation)
 
 
 @_conv2d_into_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, out, offset):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale, out,
+      offset):
     return None
 
 
@@ -181,69 +200,83 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation,
 
 
 def _triton(config, x, weight, bias, stride, padding, dilation, groups, activation, residual,
-            dest):
+            dest, input_scale=None):
     from ..kernels import conv2d as kernel
     y = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
     allow_tf32 = torch.backends.cudnn.allow_tf32
     return kernel.conv2d(x, weight, bias, residual, y, stride, padding, dilation,
-                         ref.activation_code(activation), config, allow_tf32)
+                         ref.activation_code(activation), config, allow_tf32, input_scale)
 
 
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
 
 
-def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
-    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+def _scaled(fn, input_scale):
+    """A backend without a load-stage scale: x · s first, as its own pass (inside the timed
+    call, so the autotuner compares like with like)."""
+    if input_scale is None:
+        return fn
+
+    def run(x, *rest):
+        return fn(ref.scale_channels(x, input_scale), *rest)
+    return run
+
+
+def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
+         dest):
     backend = requested_backend()
     depthwise = is_depthwise(x, weight, groups)
+    if x.device.type == "cuda" and backend != "reference":
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            warn_once("conv2d: input is not channels_last; converting it costs a copy per call "
+                      "(pass channels_last tensors, or use cnnfuse.fuse which does)")
+            x = x.contiguous(memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        if not depthwise:  # depthwise weights keep their (possibly tap-major) layout
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+    triton_args = args + (input_scale,)
+
     if x.device.type != "cuda":
         if backend == "triton":
             if triton_interpreting():
                 from ..kernels import conv2d as kernel
                 return _triton(kernel.INTERPRETER_CONFIG if groups == 1
-                               else kernel.INTERPRETER_GROUPED_CONFIG, *args)
+                               else kernel.INTERPRETER_GROUPED_CONFIG, *triton_args)
             warn_once("conv2d: the Triton kernel runs on CPU tensors only under "
                       "TRITON_INTERPRET=1; using the reference")
         elif backend == "cuda":
             # The CPU build of the CUDA C++ kernels: the same code paths the GPU runs.
-            return _depthwise(*args) if depthwise else _library_conv(*args)
-        return _reference(*args)
+            return _scaled(_depthwise if depthwise else _library_conv, input_scale)(*args)
+        return _scaled(_reference, input_scale)(*args)
     if backend == "reference":
-        return _reference(*args)
-
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        warn_once("conv2d: input is not channels_last; converting it costs a copy per call "
-                  "(pass channels_last tensors, or use cnnfuse.fuse which does)")
-        x = x.contiguous(memory_format=torch.channels_last)
-    if residual is not None:
-        residual = residual.contiguous(memory_format=torch.channels_last)
-    if not depthwise:  # depthwise weights keep their (possibly tap-major) layout
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
+        return _scaled(_reference, input_scale)(*args)
 
     candidates = {}
     if depthwise and backend in ("auto", "cuda"):
-        candidates["depthwise"] = functools.partial(_depthwise, *args)
+        candidates["depthwise"] = functools.partial(_scaled(_depthwise, input_scale), *args)
         default = "depthwise"
     elif backend in ("auto", "triton"):
         from ..kernels import conv2d as kernel
         oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
         m = x.shape[0] * oh * ow
         for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1], groups):
-            candidates[cfg.name] = functools.partial(_triton, cfg, *args)
+            candidates[cfg.name] = functools.partial(_triton, cfg, *triton_args)
         default = kernel.default_config(m, weight.shape[0], x.shape[1], groups).name
     else:
         default = "cudnn"
     if backend in ("auto", "cuda"):
         if has_cudnn_frontend():
-            candidates["cudnn_fused"] = functools.partial(_cudnn_fused, *args)
-        candidates["cudnn"] = functools.partial(_library_conv, *args)
+            candidates["cudnn_fused"] = functools.partial(_scaled(_cudnn_fused, input_scale),
+                                                          *args)
+        candidates["cudnn"] = functools.partial(_scaled(_library_conv, input_scale), *args)
         if backend == "cuda" and not depthwise:
             default = "cudnn"
-    key = _key(*args)
+    key = _key(*args) + f" scale={input_scale is not None}"
     name = _tuner.pick(key, candidates,
                        reference=lambda: ref.conv2d(x, weight, bias, stride, padding, dilation,
-                                                    groups, activation, residual),
+                                                    groups, activation, residual, input_scale),
                        tolerance=_TOLERANCE[x.dtype], default=default)
     return candidates[name]()
 

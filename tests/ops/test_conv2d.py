@@ -203,12 +203,36 @@ def test_triton_random_configurations(n, c, k, h, w, kh, kw, sh, sw, dh, dw, pad
         del os.environ["CNNFUSE_BACKEND"]
 
 
+@pytest.mark.parametrize("mode", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[-4], CASES[-1]],
+                         ids=[str(CASES[2]), str(CASES[-4]), str(CASES[-1])])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_input_scale(mode, case, dtype, backend):
+    """A squeeze-excitation gate applied as x loads: conv(x · s) with x · s rounded to dtype."""
+    if mode == "triton" and not triton_runnable():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    backend(mode)
+    scale_check(case, dtype, "cpu")
+
+
+def scale_check(case, dtype, device):
+    x, w, b, r = (t.to(device) for t in make(case, dtype, residual=True))
+    scale = torch.rand(case.n, case.c, device=device).to(dtype)
+    ours = run(case, x, w, b, r, "relu", input_scale=scale)
+    xs = (x.float() * scale.float()[:, :, None, None]).to(dtype)
+    ref64 = torch_conv(case, xs.cpu(), w.cpu(), b.cpu(), r.cpu(), "relu", torch.float64)
+    assert_within_torch_error(ours.cpu(), torch_conv(case, xs, w, b, r, "relu", dtype).cpu(),
+                              ref64)
+
+
 # ------------------------------------------------------------------ op contract
 
 def test_opcheck():
     case = CASES[10]
     x, w, b, r = make(case, torch.float32, residual=True)
-    args = (x, w, b, list(case.stride), list(case.padding), list(case.dilation), 1, "relu", r)
+    scale = torch.rand(case.n, case.c)
+    args = (x, w, b, list(case.stride), list(case.padding), list(case.dilation), 1, "relu", r,
+            scale)
     torch.library.opcheck(torch.ops.cnnfuse.conv2d.default, args)
     oh, ow = out_hw(case)
     out = torch.zeros(case.n, case.k + 2, oh, ow).to(memory_format=torch.channels_last)
@@ -253,6 +277,8 @@ def test_padding_forms():
     (dict(out=torch.empty(2, 9, 9, 11), out_channel_offset=3), ValueError, "out_channel_offset"),
     (dict(weight=torch.randn(7, 5, 3, 3, device="meta")), ValueError, "weight is on meta"),
     (dict(x=torch.randn(2, 5, 2, 2), padding=0), ValueError, "too small"),
+    (dict(input_scale=torch.rand(2, 4)), ValueError, "input_scale has shape"),
+    (dict(input_scale=torch.rand(2, 5).half()), TypeError, "input_scale has dtype"),
 ])
 def test_bad_input(bad, error, match):
     kw = dict(x=torch.randn(2, 5, 9, 11), weight=torch.randn(7, 5, 3, 3), bias=None,
@@ -285,6 +311,16 @@ def test_cuda_against_cudnn(case, dtype, mode, backend):
     ref64 = torch_conv(case, x.cpu(), w.cpu(), b.cpu(), r.cpu(), "relu", torch.float64)
     cudnn = torch_conv(case, x, w, b, r, "relu", dtype).cpu()
     assert_within_torch_error(out[:, 2:2 + case.k].cpu(), cudnn, ref64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[-4], CASES[-1]],
+                         ids=[str(CASES[2]), str(CASES[-4]), str(CASES[-1])])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_input_scale(mode, case, dtype, backend):
+    backend(mode)
+    scale_check(case, dtype, "cuda")
 
 
 @pytest.mark.cuda

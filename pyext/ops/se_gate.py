@@ -1,0 +1,67 @@
+"""cnnfuse::se_gate — the gate of a squeeze-and-excitation block from its pooled input:
+g = gate_act(act(pooled · w1ᵀ + b1) · w2ᵀ + b2), (N, C) in the weights' dtype.
+
+Both FC layers run in one small Triton kernel (kernels/se_gate.py); the consumer conv then
+applies g as it loads its input (`conv2d(..., input_scale=g)`), so the block costs no pass
+over the activation beyond the pooling read.
+"""
+from typing import Optional
+
+import torch
+
+from .. import ref
+from ..backend import requested_backend, triton_interpreting, warn_once
+from . import _check
+
+
+@torch.library.custom_op("cnnfuse::se_gate", mutates_args=())
+def _se_gate_op(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str,
+                gate_activation: str) -> torch.Tensor:
+    backend = requested_backend()
+    use_triton = backend in ("auto", "triton") if pooled.device.type == "cuda" else (
+        backend == "triton" and triton_interpreting())
+    if not use_triton:
+        if backend == "triton":
+            warn_once("se_gate: the Triton kernel runs on CPU tensors only under "
+                      "TRITON_INTERPRET=1; using the reference")
+        return ref.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)
+    from ..kernels.se_gate import se_gate as kernel
+    gate = torch.empty(pooled.shape, dtype=w1.dtype, device=pooled.device)
+    return kernel(pooled, w1, b1, w2, b2, ref.activation_code(activation),
+                  ref.activation_code(gate_activation), gate)
+
+
+@_se_gate_op.register_fake
+def _(pooled, w1, b1, w2, b2, activation, gate_activation):
+    return pooled.new_empty(pooled.shape, dtype=w1.dtype)
+
+
+def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+            w2: torch.Tensor, b2: Optional[torch.Tensor], *, activation: str = "relu",
+            gate_activation: str = "sigmoid") -> torch.Tensor:
+    """pooled (N, C) (float32 or the weights' dtype), w1 (R, C), b1 (R,), w2 (C, R), b2 (C,)."""
+    _check.tensor("pooled", pooled, 2)
+    _check.tensor("w1", w1, 2)
+    _check.tensor("w2", w2, 2)
+    _check.floating("w1", w1)
+    _check.same_dtype("w2", w2, w1)
+    _check.same_dtype("pooled", pooled, w1, also=(torch.float32,))
+    n, c = pooled.shape
+    r = w1.shape[0]
+    if w1.shape[1] != c:
+        raise ValueError(f"w1 has shape {tuple(w1.shape)}; pooled has {c} channels")
+    if tuple(w2.shape) != (c, r):
+        raise ValueError(f"w2 has shape {tuple(w2.shape)}; expected ({c}, {r})")
+    for name, b, size in (("b1", b1, r), ("b2", b2, c)):
+        if b is not None:
+            _check.tensor(name, b, 1)
+            _check.same_dtype(name, b, w1, also=(torch.float32,))
+            if b.shape[0] != size:
+                raise ValueError(f"{name} has {b.shape[0]} elements; expected {size}")
+    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
+        if t is not None:
+            _check.same_device(name, t, pooled)
+    ref.activation_code(activation)
+    ref.activation_code(gate_activation)
+    return torch.ops.cnnfuse.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)

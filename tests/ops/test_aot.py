@@ -1,0 +1,70 @@
+"""The Triton kernels compiled ahead of time for Hopper (sm_90) on a machine without a GPU:
+the conv kernel must build at the tile shapes the autotuner offers and use the tensor cores
+(wgmma in the PTX, HGMMA in the SASS). Compiling needs TRITON_INTERPRET unset, so it runs in a
+subprocess."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grouped, input scale)
+    ("CONFIGS[0]", "float16", (3, 3), False, False),
+    ("CONFIGS[3]", "bfloat16", (1, 1), False, True),
+    ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, False),
+    ("CONFIGS[5]", "float32", (7, 7), False, False),
+    ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, False),
+    ("GROUPED_CONFIGS[2]", "bfloat16", (3, 3), True, False),
+]
+
+SCRIPT = """
+import sys, torch
+from cnnfuse.kernels.conv2d import CONFIGS, GROUPED_CONFIGS, Conv2dConfig, compile_ahead
+config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
+compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True",
+                         has_scale=sys.argv[6] == "True")
+open(out + ".ptx", "w").write(compiled.asm["ptx"])
+open(out + ".cubin", "wb").write(compiled.asm["cubin"])
+"""
+
+
+def _cuobjdump():
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.parametrize("config, dtype, kernel, grouped, scale", CASES,
+                         ids=[f"{c}-{d}-{k[0]}x{k[1]}{'-grouped' * g}{'-scale' * s}"
+                              for c, d, k, g, s in CASES])
+def test_conv2d_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, grouped, scale,
+                                                    tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "conv2d"
+    subprocess.run([sys.executable, "-c", SCRIPT, config, dtype, repr(kernel), str(out),
+                    str(grouped), str(scale)],
+                   env=env, check=True, capture_output=True, text=True)
+    ptx = Path(f"{out}.ptx").read_text()
+    assert ".target sm_90a" in ptx
+    assert "wgmma.mma_async" in ptx, "no Hopper tensor-core MMA in the PTX"
+    if not _cuobjdump().exists():
+        pytest.skip("no cuobjdump in this Triton to read the SASS")
+    sass = subprocess.run([str(_cuobjdump()), "-sass", f"{out}.cubin"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "HGMMA" in sass, "no HGMMA instruction in the SASS"
+
+
+SE_GATE = """
+import sys, torch
+from cnnfuse.kernels.se_gate import compile_ahead
+open(sys.argv[3], "w").write(compile_ahead(getattr(torch, sys.argv[1]), int(sys.argv[2])).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("dtype, reduced", [("float16", 48), ("bfloat16", 128), ("float32", 6)])
+def test_se_gate_compiles_for_sm90(dtype, reduced, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "se_gate.ptx"
+    subprocess.run([sys.executable, "-c", SE_GATE, dtype, str(reduced), str(out)], env=env,
+                   check=True, capture_output=True, text=True)
+    assert ".target sm_90a" in out.read_text()
