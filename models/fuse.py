@@ -13,8 +13,9 @@ import torch
 from torch import fx, nn
 
 from .fused_conv import FusedConv2d
-from .patterns import (activation_of_module, activation_of_node, inference_passthrough,
-                       residual_operands)
+from .patterns import (activation_of_module, activation_of_node, global_pool_input,
+                       inference_passthrough, mul_operands, residual_operands)
+from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -204,6 +205,9 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if residual_operands(node):
                 self._fuse_residual(node)
+        for node in list(self.graph.nodes):
+            if mul_operands(node):
+                self._fuse_squeeze_excite(node)
         for node in self.graph.nodes:
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
                 self.report.skip(self.prefix + node.target,
@@ -298,3 +302,57 @@ class _GraphFuser:
         self.graph.erase_node(conv_node)
         self.report.add("residual add")
         self._absorb_activation(new, fused)
+
+    def _fuse_squeeze_excite(self, mul) -> None:
+        """x * fc2(fc1(pool(x))): both FC layers become one se_gate call; the scale moves
+        into the conv that consumes the product, or stays a pass where none does."""
+        a, b = mul_operands(mul)
+        for gate, x in ((a, b), (b, a)):
+            chain = self._gate_chain(gate, x)
+            if chain:
+                break
+        else:
+            return
+        pool, fc1_node, fc2_node = chain
+        fc1, fc2 = self.modules[fc1_node.target], self.modules[fc2_node.target]
+        parent, _, name = fc1_node.target.rpartition(".")
+        se_name = (parent + "." if parent else "") + name + "_se_gate"
+        self._replace_module(se_name, FusedSqueezeExcite.from_convs(fc1, fc2))
+        self.report.add("se gate")
+
+        consumer = self._sole_user(mul)
+        conv = self._module(consumer) if consumer is not None else None
+        with self.graph.inserting_before(mul):
+            gate_node = self.graph.call_module(se_name, (x,))
+            if (isinstance(conv, FusedConv2d) and conv.groups == 1 and not conv.has_input_scale
+                    and self.calls.get(consumer.target, 1) == 1):
+                consumer.args = (x,) + tuple(consumer.args[1:])
+                consumer.kwargs = {**consumer.kwargs, "input_scale": gate_node}
+                conv.has_input_scale = True
+                self.graph.erase_node(mul)
+                self.report.add("se scale in next conv")
+            else:
+                mul.replace_all_uses_with(self.graph.call_function(channel_scale, (x, gate_node)))
+                self.graph.erase_node(mul)
+        for node in (fc2_node, fc1_node, pool):
+            self.graph.erase_node(node)
+
+    def _gate_chain(self, gate, x):
+        """(pool, fc1, fc2) when `gate` is fc2(fc1(global_avg_pool(x))), each read once."""
+        fc2_node = gate
+        fc2 = self._module(fc2_node)
+        if not (is_gate_conv(fc2) and len(fc2_node.users) == 1 and len(fc2_node.args) == 1):
+            return None
+        fc1_node = fc2_node.args[0]
+        fc1 = self._module(fc1_node)
+        if not (isinstance(fc1_node, fx.Node) and is_gate_conv(fc1) and len(fc1_node.users) == 1
+                and len(fc1_node.args) == 1 and fc1.out_channels == fc2.in_channels
+                and fc2.out_channels == fc1.in_channels):
+            return None
+        pool = fc1_node.args[0]
+        if not (isinstance(pool, fx.Node) and len(pool.users) == 1
+                and global_pool_input(pool, self.modules) is x):
+            return None
+        if self.calls.get(fc1_node.target, 1) > 1 or self.calls.get(fc2_node.target, 1) > 1:
+            return None
+        return pool, fc1_node, fc2_node

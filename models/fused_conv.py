@@ -41,6 +41,7 @@ class FusedConv2d(nn.Module):
         self.stride, self.dilation = tuple(stride), tuple(dilation)
         self.padding = tuple(padding)  # (left, right, top, bottom)
         self.activation, self.has_residual = activation, has_residual
+        self.has_input_scale = False  # forward takes a squeeze-excitation gate (N, C_in)
         self.folded_bn = False
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw),
                                    requires_grad=False)
@@ -95,21 +96,24 @@ class FusedConv2d(nn.Module):
         self.bias = nn.Parameter(shift.to(dtype=dtype, device=device), requires_grad=False)
         self.folded_bn = True
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.has_residual != (residual is not None):
-            raise ValueError(f"{self.__class__.__name__} was built with has_residual="
-                             f"{self.has_residual} but forward got residual="
-                             f"{'a tensor' if residual is not None else 'None'}")
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for flag, name, value in ((self.has_residual, "residual", residual),
+                                  (self.has_input_scale, "input_scale", input_scale)):
+            if flag != (value is not None):
+                raise ValueError(f"{self.__class__.__name__} was built with has_{name}={flag} "
+                                 f"but forward got {name}="
+                                 f"{'a tensor' if value is not None else 'None'}")
         if residual is not None and not _fits(residual, x, self):
             # A broadcast or mixed-dtype add: exact, just not fused.
             warn_once(f"FusedConv2d: residual {_describe(residual)} does not match the conv "
                       "output; adding it outside the kernel")
             y = ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
-                           self.dilation, self.groups)
+                           self.dilation, self.groups, input_scale=input_scale)
             return apply_activation(y + residual, self.activation)
         return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
                           self.dilation, self.groups, activation=self.activation,
-                          residual=residual)
+                          residual=residual, input_scale=input_scale)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
@@ -124,4 +128,6 @@ class FusedConv2d(nn.Module):
             parts.append(f"activation={self.activation}")
         if self.has_residual:
             parts.append("residual=add")
+        if self.has_input_scale:
+            parts.append("input_scale=se_gate")
         return ", ".join(parts)

@@ -91,3 +91,40 @@ def residual_operands(node: fx.Node) -> Optional[tuple]:
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
     return a, b
+
+
+_MUL_FUNCTIONS = (operator.mul, torch.mul)
+
+
+def _is_hw(dims) -> bool:
+    return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3]
+
+
+def global_pool_input(node: fx.Node, modules: dict) -> Optional[fx.Node]:
+    """The input of a global average pool that keeps (N, C, 1, 1), else None."""
+    args, kwargs = node.args, node.kwargs
+    if node.op == "call_module":
+        m = modules[node.target]
+        ok = (isinstance(m, nn.AdaptiveAvgPool2d)
+              and m.output_size in (1, (1, 1), [1, 1]) and len(args) == 1)
+        return args[0] if ok else None
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        return args[0] if size in (1, (1, 1), [1, 1]) else None
+    is_mean = ((node.op == "call_method" and node.target == "mean")
+               or (node.op == "call_function" and node.target is torch.mean))
+    if is_mean and len(args) >= 2:
+        keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        ok = _is_hw(args[1]) and keep is True and set(kwargs) <= {"keepdim"}
+        return args[0] if ok else None
+    return None
+
+
+def mul_operands(node: fx.Node) -> Optional[tuple]:
+    """(a, b) for a node computing a * b of two graph values, else None."""
+    is_mul = ((node.op == "call_function" and node.target in _MUL_FUNCTIONS)
+              or (node.op == "call_method" and node.target == "mul"))
+    if not is_mul or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    return (a, b) if isinstance(a, fx.Node) and isinstance(b, fx.Node) else None

@@ -1,8 +1,13 @@
 """EfficientNet: MBConv with SiLU, a sigmoid-gated squeeze-and-excitation and stochastic depth
-before the residual add (the identity at inference, so the add lands in the project conv)."""
+before the residual add (the identity at inference, so the add lands in the project conv).
+The SE block becomes one gate kernel, applied by the project conv as it loads its input."""
 import pytest
+import torch
 
-from .harness import build, check_model
+import cnnfuse
+
+from ..util import needs_triton, randomize_batchnorm, relative_error
+from .harness import FP32_TOLERANCE, build, check_model
 
 MODELS = [("torchvision", "efficientnet_b0", 9, 16), ("torchvision", "efficientnet_b3", 19, 26),
           ("timm", "efficientnet_b0", 9, 16)]
@@ -15,3 +20,25 @@ def test_fuse(source, name, adds, se):
     assert report.fused["residual add"] == adds
     assert report.fused["batchnorm folded"] == report.conv_sites - 2 * se  # SE convs have no BN
     assert report.fused["activation sigmoid"] == se
+    assert report.fused["se gate"] == report.fused["se scale in next conv"] == se
+
+
+def _run(backend_name, monkeypatch, size):
+    monkeypatch.setenv("CNNFUSE_BACKEND", backend_name)
+    model = randomize_batchnorm(build("torchvision", "efficientnet_b0")).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        got = cnnfuse.fuse(model)(x.contiguous(memory_format=torch.channels_last))
+    return relative_error(got, expected)
+
+
+@needs_triton
+def test_whole_model_on_the_triton_kernels(monkeypatch):
+    """Every conv (grouped, SE-scaled, residual) and every SE gate through Triton, interpreted."""
+    assert _run("triton", monkeypatch, 32) < 1e-4
+
+
+def test_whole_model_on_the_cpp_kernels(monkeypatch):
+    """Depthwise convs on the CPU build of the CUDA C++ kernel."""
+    assert _run("cuda", monkeypatch, 64) < FP32_TOLERANCE

@@ -26,6 +26,8 @@ def test_fuse(source, name, adds, acts):
     assert report.fused["residual add"] == adds
     for act, count in acts.items():
         assert report.fused[f"activation {act}"] == count, str(report)
+    se = acts.get("hardsigmoid", 0)  # v3's SE gates
+    assert report.fused["se gate"] == report.fused["se scale in next conv"] == se
 
 
 def test_mobilenet_v2_on_the_cpp_kernels(backend):

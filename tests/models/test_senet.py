@@ -9,3 +9,5 @@ def test_fuse():
     assert report.fused["batchnorm folded"] == 53
     assert report.fused["activation sigmoid"] == 16
     assert report.fused["residual add"] == 4
+    # the gated output feeds the residual add, not a conv: the scale stays a pass of its own
+    assert report.fused["se gate"] == 16 and report.fused["se scale in next conv"] == 0

@@ -1,0 +1,56 @@
+"""Squeeze-and-excitation, fused: the pooled input goes through both FC layers in one kernel
+(`cnnfuse.ops.se_gate`) and the gate is applied by the consuming conv as it loads its input
+(`conv2d(..., input_scale=gate)`); only where no conv consumes it is the scale a pass of its
+own (`channel_scale`)."""
+import torch
+from torch import fx, nn
+
+from .. import ops
+from .fused_conv import FusedConv2d
+
+
+class FusedSqueezeExcite(nn.Module):
+    """(N, C, H, W) -> the (N, C) gate act2(W2 · act1(W1 · mean_hw(x) + b1) + b2)."""
+
+    def __init__(self, channels: int, reduced: int, activation: str, gate_activation: str,
+                 bias: bool = True):
+        super().__init__()
+        self.activation, self.gate_activation = activation, gate_activation
+        self.w1 = nn.Parameter(torch.empty(reduced, channels), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(channels, reduced), requires_grad=False)
+        self.b1 = nn.Parameter(torch.zeros(reduced), requires_grad=False) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(channels), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_convs(cls, fc1: FusedConv2d, fc2: FusedConv2d) -> "FusedSqueezeExcite":
+        se = cls(fc1.in_channels, fc1.out_channels, fc1.activation, fc2.activation)
+        se.w1.data = fc1.weight.detach().reshape(fc1.out_channels, fc1.in_channels).contiguous()
+        se.w2.data = fc2.weight.detach().reshape(fc2.out_channels, fc2.in_channels).contiguous()
+        for mine, conv in ((se.b1, fc1), (se.b2, fc2)):
+            if conv.bias is not None:
+                mine.data = conv.bias.detach().clone()
+            else:
+                mine.data = torch.zeros_like(mine.data, dtype=conv.weight.dtype)
+        return se
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean((2, 3), dtype=torch.float32)
+        return ops.se_gate(pooled, self.w1, self.b1, self.w2, self.b2,
+                           activation=self.activation, gate_activation=self.gate_activation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.w2.shape[0]} -> {self.w1.shape[0]} -> {self.w2.shape[0]}, "
+                f"activation={self.activation}, gate={self.gate_activation}")
+
+
+@fx.wrap
+def channel_scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x · gate[n, c]: the SE scale where no conv can take it in its load stage."""
+    return x * gate.to(x.dtype)[:, :, None, None]
+
+
+def is_gate_conv(m) -> bool:
+    """A 1x1 FC layer of an SE block, as `fuse` leaves it after folding its activation."""
+    return (isinstance(m, FusedConv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and not any(m.padding) and m.groups == 1 and not m.has_residual
+            and not m.has_input_scale)
