@@ -1,5 +1,5 @@
-"""End to end: ResNet-50, GoogLeNet and VGG-16 at batch 1 and 256, fp16 channels_last, CUDA
-graphs; providers cuDNN eager, torch.compile (freezing) and cnnfuse."""
+"""End to end at batch 1 and 256, fp16 channels_last, CUDA graphs; providers cuDNN eager,
+torch.compile (freezing) and cnnfuse. `-k` selects models (e.g. `-k "mobilenet or efficient"`)."""
 import pytest
 import torch
 
@@ -7,7 +7,8 @@ import cnnfuse
 from cnnfuse.bench import zoo
 from cnnfuse.bench.timing import graph_callable
 
-MODELS = ["resnet50", "googlenet", "vgg16"]
+MODELS = ["resnet50", "googlenet", "vgg16", "resnext50_32x4d", "mobilenet_v2", "efficientnet_b0",
+          "shufflenet_v2_x1_0"]
 
 
 @pytest.mark.parametrize("provider", ["cudnn", "inductor", "cnnfuse"])
