@@ -23,8 +23,11 @@ def backends() -> list[tuple[str, bool, str]]:
     if load_error:
         rows.append(("cuda (cnnfuse._C)", False, f"extension not built: {load_error}"))
         return rows
+    from . import ops  # noqa: F401  (defines the schemas the kernels register under)
+    kernels = [name for name in ("bias_act", "depthwise_conv2d")
+               if torch._C._dispatch_has_kernel_for_dispatch_key(f"cnnfuse::{name}", "CUDA")]
     rows.append(("cuda (cnnfuse._C)", bool(info.get("cuda")) and gpu,
-                 "CUDA kernels built for " + info.get("cuda_archs", "")
+                 f"CUDA kernels ({', '.join(kernels)}) built for " + info.get("cuda_archs", "")
                  if info.get("cuda") else "built without CUDA (CPU kernels only)"))
     if not gpu:
         rows[-1] = (rows[-1][0], False, rows[-1][2] + "; no GPU visible")
