@@ -42,3 +42,14 @@ def test_whole_model_on_the_triton_kernels(monkeypatch):
 def test_whole_model_on_the_cpp_kernels(monkeypatch):
     """Depthwise convs on the CPU build of the CUDA C++ kernel."""
     assert _run("cuda", monkeypatch, 64) < FP32_TOLERANCE
+
+
+def test_state_dict_round_trip():
+    """The SE gate's parameters live in the fused model's state_dict like any other."""
+    fused = cnnfuse.fuse(randomize_batchnorm(build("torchvision", "efficientnet_b0")).eval())
+    other = cnnfuse.fuse(build("torchvision", "efficientnet_b0").eval())
+    other.load_state_dict(fused.state_dict())
+    assert any(k.endswith("_se_gate.w1") for k in fused.state_dict())
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), fused(x))
