@@ -19,14 +19,15 @@ def floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; cnnfuse supports float16, bfloat16, float32")
 
 
-def same_dtype(name: str, t: torch.Tensor, like: torch.Tensor, also=()) -> None:
+def same_dtype(name: str, t: torch.Tensor, like: torch.Tensor, also=(),
+               like_name: str = "x") -> None:
     if t.dtype != like.dtype and t.dtype not in also:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {like.dtype}")
+        raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}")
 
 
-def same_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+def same_device(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str = "x") -> None:
     if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {like.device}")
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
 
 
 def pair(name: str, v: Union[int, Sequence[int]], minimum: int) -> list[int]:

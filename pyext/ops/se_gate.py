@@ -45,8 +45,9 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     _check.tensor("w1", w1, 2)
     _check.tensor("w2", w2, 2)
     _check.floating("w1", w1)
-    _check.same_dtype("w2", w2, w1)
-    _check.same_dtype("pooled", pooled, w1, also=(torch.float32,))
+    _check.same_dtype("w2", w2, w1, like_name="w1")
+    if pooled.dtype not in (w1.dtype, torch.float32):
+        raise TypeError(f"pooled has dtype {pooled.dtype}; expected float32 or w1's {w1.dtype}")
     n, c = pooled.shape
     r = w1.shape[0]
     if w1.shape[1] != c:
@@ -56,12 +57,12 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     for name, b, size in (("b1", b1, r), ("b2", b2, c)):
         if b is not None:
             _check.tensor(name, b, 1)
-            _check.same_dtype(name, b, w1, also=(torch.float32,))
+            _check.same_dtype(name, b, w1, also=(torch.float32,), like_name="w1")
             if b.shape[0] != size:
                 raise ValueError(f"{name} has {b.shape[0]} elements; expected {size}")
     for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
         if t is not None:
-            _check.same_device(name, t, pooled)
+            _check.same_device(name, t, pooled, "pooled")
     ref.activation_code(activation)
     ref.activation_code(gate_activation)
     return torch.ops.cnnfuse.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)
