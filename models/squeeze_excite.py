@@ -30,7 +30,7 @@ class FusedSqueezeExcite(nn.Module):
             if conv.bias is not None:
                 mine.data = conv.bias.detach().clone()
             else:
-                mine.data = torch.zeros_like(mine.data, dtype=conv.weight.dtype)
+                mine.data = conv.weight.new_zeros(conv.out_channels)
         return se
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
