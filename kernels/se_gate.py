@@ -53,23 +53,29 @@ def _se_gate_kernel(
                  mask=mask_n[:, None] & c_ok[None, :])
 
 
+def _tiles(reduced: int) -> dict:
+    """16 images a program; the hidden width padded to a power of two, and channel blocks
+    small enough that a (BLOCK_C, BLOCK_R) weight tile stays within 8192 fp32 registers."""
+    block_r = max(16, triton.next_power_of_2(reduced))
+    return dict(BLOCK_N=16, BLOCK_C=max(16, min(128, 8192 // block_r)), BLOCK_R=block_r)
+
+
 def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2, act1: int,
             act2: int, gate: torch.Tensor) -> torch.Tensor:
     """Launch on validated tensors: pooled (N, C), w1 (R, C), w2 (C, R), gate (N, C)."""
     n, c = pooled.shape
     r = w1.shape[0]
-    block_r = max(16, triton.next_power_of_2(r))
-    block_c = max(16, min(128, 8192 // block_r))
+    tiles = _tiles(r)
     # Triton's CPU interpreter truncates fp32 -> bf16; torch rounds instead.
     dest, out = gate, gate
     if gate.device.type == "cpu" and gate.dtype == torch.bfloat16:
         out = torch.empty(gate.shape, dtype=torch.float32)
-    grid = (triton.cdiv(n, 16),)
+    grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
     _se_gate_kernel[grid](
         pooled, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,
         n, c, r, *pooled.stride(), *w1.stride(), *w2.stride(), *out.stride(),
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT1=act1, ACT2=act2,
-        BLOCK_N=16, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4, num_stages=1,
+        **tiles, num_warps=4, num_stages=1,
     )
     if out is not dest:
         dest.copy_(out)
@@ -78,9 +84,7 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2, ac
 
 def compile_ahead(dtype: torch.dtype, reduced: int = 48, capability: int = 90):
     """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
-    block_r = max(16, triton.next_power_of_2(reduced))
-    constexprs = dict(HAS_B1=True, HAS_B2=True, ACT1=3, ACT2=6, BLOCK_N=16,
-                      BLOCK_C=max(16, min(128, 8192 // block_r)), BLOCK_R=block_r)
+    constexprs = dict(HAS_B1=True, HAS_B2=True, ACT1=3, ACT2=6, **_tiles(reduced))
     pointers = dict(p_ptr=torch.float32, w1_ptr=dtype, b1_ptr=dtype, w2_ptr=dtype, b2_ptr=dtype,
                     g_ptr=dtype)
     return compile_for(_se_gate_kernel, constexprs, pointers, num_warps=4, num_stages=1,

@@ -14,7 +14,8 @@ from torch import fx, nn
 
 from .fused_conv import FusedConv2d
 from .patterns import (activation_of_module, activation_of_node, global_pool_input,
-                       inference_passthrough, mul_operands, residual_operands)
+                       identity_at_inference, inference_passthrough, mul_operands,
+                       residual_operands)
 from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
 
@@ -151,7 +152,7 @@ def _bn_epilogue(bn: nn.Module) -> tuple[Optional[str], Optional[str]]:
     extras = {name for name, _ in bn.named_children()} - {"act", "drop"}
     act_name = "none" if isinstance(act, nn.Identity) else (
         activation_of_module(act) if act is not None else None)
-    drop_ok = drop is None or isinstance(drop, (nn.Identity, nn.Dropout))
+    drop_ok = drop is None or identity_at_inference(drop)
     if act is None or act_name is None or extras or not drop_ok:
         return None, f"{type(bn).__name__} with behaviour beyond BatchNorm + activation"
     return act_name, None
@@ -329,12 +330,10 @@ class _GraphFuser:
                 consumer.args = (x,) + tuple(consumer.args[1:])
                 consumer.kwargs = {**consumer.kwargs, "input_scale": gate_node}
                 conv.has_input_scale = True
-                self.graph.erase_node(mul)
                 self.report.add("se scale in next conv")
             else:
                 mul.replace_all_uses_with(self.graph.call_function(channel_scale, (x, gate_node)))
-                self.graph.erase_node(mul)
-        for node in (fc2_node, fc1_node, pool):
+        for node in (mul, fc2_node, fc1_node, pool):
             self.graph.erase_node(node)
 
     def _gate_chain(self, gate, x):

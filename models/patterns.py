@@ -61,14 +61,18 @@ def _stochastic_depth():
         return None
 
 
+def identity_at_inference(m: nn.Module) -> bool:
+    """Identity, dropout, or stochastic depth / drop path in eval mode."""
+    return isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
+        type(m).__name__ in ("StochasticDepth", "DropPath") and not m.training)
+
+
 def inference_passthrough(node: fx.Node, modules: dict) -> Optional[fx.Node]:
-    """The input of a node that is the identity at inference (Identity, eval-mode dropout,
-    stochastic depth / drop path with training off), else None."""
+    """The input of a node that is the identity at inference (see identity_at_inference;
+    also F.dropout and torchvision's stochastic_depth called with training off), else None."""
     if node.op == "call_module":
-        m = modules[node.target]
-        identity = isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
-            type(m).__name__ in ("StochasticDepth", "DropPath") and not m.training)
-        ok = identity and len(node.args) == 1 and not node.kwargs
+        ok = (identity_at_inference(modules[node.target]) and len(node.args) == 1
+              and not node.kwargs)
         return node.args[0] if ok else None
     if node.op != "call_function" or not node.args:
         return None
