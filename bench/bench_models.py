@@ -1,35 +1,50 @@
-"""End to end at batch 1 and 256, fp16 channels_last, CUDA graphs; providers cuDNN eager,
-torch.compile (freezing) and cnnfuse. `-k` selects models (e.g. `-k "mobilenet or efficient"`)."""
+"""End to end: every model of the zoo (cnnfuse.bench.zoo.ZOO) against cuDNN and torch.compile.
+
+Parametrised by model, batch (1, 32, 256), dtype (fp16, bf16) and provider
+(cnnfuse.bench.providers.PROVIDERS); channels_last, CUDA graphs, random weights, randomised
+BatchNorm statistics. Before a provider is timed its logits are checked against the unfused
+model in fp64 (cnnfuse's must be within providers.TOLERANCE, or the case fails untimed); the
+error and the provider's steady-state peak memory go into the JSON beside the time and both
+floors. `--quick` keeps zoo.QUICK at batch 256 in fp16; `-k` selects (`-k "mobilenet and 256"`).
+"""
+import functools
+
 import pytest
 import torch
 
-import cnnfuse
-from cnnfuse.bench import zoo
-from cnnfuse.bench.timing import graph_callable
+from cnnfuse.bench import providers, zoo
 
-MODELS = ["resnet50", "googlenet", "vgg16", "resnext50_32x4d", "mobilenet_v2", "efficientnet_b0",
-          "shufflenet_v2_x1_0"]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@pytest.mark.parametrize("provider", ["cudnn", "inductor", "cnnfuse"])
-@pytest.mark.parametrize("batch", [1, 256])
-@pytest.mark.parametrize("name", MODELS)
-def test_model(name, batch, provider, timed):
-    size, dt = zoo.input_size(name), torch.float16
+@functools.lru_cache(maxsize=2)
+def _model(name: str):
     model = zoo.build(name)
-    flops = zoo.flops_per_image(model, size) * batch
-    if provider == "cnnfuse":
-        fn = cnnfuse.fuse(model, dtype=dt).cuda()
-    else:
-        fn = model.to("cuda", dt, memory_format=torch.channels_last)
-        if provider == "inductor":
-            import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
-            fn = torch.compile(fn)
-    x = torch.randn(batch, 3, size, size, device="cuda", dtype=dt).contiguous(
-        memory_format=torch.channels_last)
-    with torch.no_grad():
-        fn(x)
-        replay = graph_callable(lambda: fn(x))
-    params = sum(p.numel() for p in model.parameters())
-    timed(replay, flops, 2 * (x.numel() + params), rounds=20)
+    return model, zoo.flops_per_image(model, zoo.input_size(name))
+
+
+@functools.lru_cache(maxsize=2)
+def _input_and_reference(name: str, batch: int, dtype: str):
+    x = providers.example_input(batch, zoo.input_size(name), DTYPES[dtype], "cuda")
+    return x, providers.reference_logits(_model(name)[0], x)
+
+
+@pytest.mark.parametrize("provider", providers.PROVIDERS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("batch", [1, 32, 256])
+@pytest.mark.parametrize("model", zoo.ZOO, ids=[n.replace("/", ".") for n in zoo.ZOO])
+def test_model(model, batch, dtype, provider, timed):
+    net, flops_per_image = _model(model)
+    x, reference = _input_and_reference(model, batch, dtype)
+    try:
+        prepared = providers.prepare(provider, net, x, reference)
+    except AssertionError as exc:
+        pytest.fail(str(exc))
+    try:
+        moved = zoo.min_bytes(net, batch, zoo.input_size(model), DTYPES[dtype])
+        timed(prepared.replay, flops_per_image * batch, moved,
+              rounds=20, model=model, batch=batch, dtype=dtype, provider=provider,
+              max_rel_error=prepared.max_rel_error, peak_mem_mb=prepared.peak_mem_mb)
+    finally:
+        del prepared
+        providers.release()

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # GPU passes for a machine with torch, triton, torchvision and timm already installed, each
-# sized to fit one 10-minute call: `tests` (build + GPU tests), `ops` (per-layer suites),
-# `models` (end-to-end suite + main job), or `all`. Logs and JSON go to $OUT (default ./results).
+# sized to fit one 10-minute call:
+#   tests    build, then every `cuda`-marked test
+#   ops      the per-layer suites
+#   models   the end-to-end suite's --quick selection, a per-op profile, and the report
+#   zoo EXPR the end-to-end suite filtered by -k EXPR (e.g. zoo "256 and fp16 and mobilenet")
+#   all      tests, ops and models
+# Logs, JSON and the report go to $OUT (default ./results).
 set -uo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 PHASE="${1:-all}"
 OUT="${OUT:-results}"; mkdir -p "$OUT"
@@ -27,7 +33,18 @@ for b in rows:
 PY
 fi
 if [[ $PHASE == models || $PHASE == all ]]; then
-  python3 -m pytest bench/bench_models.py --benchmark-only -q \
+  python3 -m pytest bench/bench_models.py --benchmark-only -q --quick \
       --benchmark-json="$OUT/bench_models.json" --benchmark-columns=median,rounds 2>&1 \
-      | tail -50 | tee "$OUT/bench_models.txt"
+      | tail -30 | tee "$OUT/bench_models.txt"
+  python3 -m cnnfuse.bench.profile --model mobilenet_v2 --batch 256 --out "$OUT" \
+      | tee "$OUT/profile.txt"
+fi
+if [[ $PHASE == zoo ]]; then
+  python3 -m pytest bench/bench_models.py --benchmark-only -q -k "${2:?zoo needs a -k expression}" \
+      --benchmark-json="$OUT/bench_zoo.json" --benchmark-columns=median,rounds 2>&1 \
+      | tail -30 | tee "$OUT/bench_zoo.txt"
+fi
+if [[ $PHASE == models || $PHASE == zoo || $PHASE == all ]]; then
+  python3 -m cnnfuse.bench.report "$OUT"/bench_*.json "$OUT"/profile_*.json --out "$OUT/report" \
+      | tail -40
 fi

@@ -1,4 +1,5 @@
 """Backend selection (CNNFUSE_BACKEND) and the say-it-once log for fallbacks."""
+import contextlib
 import functools
 import logging
 import os
@@ -29,3 +30,24 @@ def triton_usable_on(t: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def warn_once(message: str) -> None:
     log.warning("cnnfuse: %s", message)
+
+
+# Which backend ran each op call, collected only inside `tracing()` (the profiler's "who ran
+# it"); outside it `ran` is one global lookup.
+_trace = None
+
+
+@contextlib.contextmanager
+def tracing():
+    """Collect (op, backend) for every cnnfuse op called eagerly inside the block."""
+    global _trace
+    outer, _trace = _trace, []
+    try:
+        yield _trace
+    finally:
+        _trace = outer
+
+
+def ran(op: str, backend: str) -> None:
+    if _trace is not None:
+        _trace.append((op, backend))

@@ -6,7 +6,17 @@ from torch import nn
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 3.0e12
 
-_INPUT_SIZE = {"inception_v3": 299, "inception_v4": 299, "inception_resnet_v2": 299}
+# Every architecture cnnfuse targets: torchvision names, and timm's as "timm/<name>".
+ZOO = ("alexnet", "vgg16", "googlenet", "inception_v3", "resnet50", "resnext50_32x4d",
+       "densenet121", "squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2",
+       "mobilenet_v3_large", "mnasnet1_0", "efficientnet_b0", "timm/inception_v4",
+       "timm/inception_resnet_v2", "timm/legacy_xception", "timm/seresnet50")
+# A few minutes on one GPU: one model per family that matters most (GEMM-bound, Inception
+# branches, depthwise).
+QUICK = ("resnet50", "googlenet", "mobilenet_v2")
+
+_INPUT_SIZE = {"inception_v3": 299, "inception_v4": 299, "inception_resnet_v2": 299,
+               "legacy_xception": 299, "xception41": 299, "xception65": 299}
 
 
 def input_size(name: str) -> int:
@@ -56,3 +66,13 @@ def flops_per_image(model: nn.Module, size: int) -> float:
 
 def compute_floor_ms(flops: float) -> float:
     return flops / PEAK_FLOPS * 1e3
+
+
+def min_bytes(model: nn.Module, batch: int, size: int, dtype: torch.dtype) -> float:
+    """Reading the weights and the images once: what no schedule, however fused, goes below."""
+    params = sum(p.numel() for p in model.parameters())
+    return float((params + batch * 3 * size * size) * dtype.itemsize)
+
+
+def memory_floor_ms(model: nn.Module, batch: int, size: int, dtype: torch.dtype) -> float:
+    return min_bytes(model, batch, size, dtype) / PEAK_BYTES * 1e3

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .. import ref
+from ..backend import ran
 from .._ext import _C
 from . import _check
 
@@ -22,6 +23,7 @@ def _(x, bias, residual, activation, out):
 
 
 def _reference_impl(x, bias, residual, activation, out):
+    ran("bias_act", "reference")
     out.copy_(ref.bias_act(x, bias, residual, ref.ACTIVATIONS[activation]))
 
 

@@ -12,10 +12,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import autotune, ref
-from .._ext import has_cudnn_frontend
-from ..backend import requested_backend, triton_interpreting, warn_once
+from .._ext import has_cudnn_frontend, relaxed_capture
+from ..backend import ran, requested_backend, triton_interpreting, warn_once
 from . import _check
 from .bias_act import bias_act_into
 from .depthwise_conv2d import depthwise_conv2d_into, is_depthwise
@@ -153,6 +154,20 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, residual):
     return _empty_out(x, weight, stride, padding, dilation)
 
 
+def conv_flops(x_shape, w_shape, stride, padding, dilation) -> int:
+    """Multiply-adds × 2, as torch.utils.flop_counter counts aten.convolution."""
+    oh, ow = output_hw(x_shape[2], x_shape[3], w_shape[2:], stride, padding, dilation)
+    k, cg, r, s = w_shape
+    return 2 * x_shape[0] * oh * ow * k * cg * r * s
+
+
+# So that FlopCounterMode (and the profiler's floors) count fused models as it counts eager ones.
+@register_flop_formula([torch.ops.cnnfuse.conv2d, torch.ops.cnnfuse.conv2d_into,
+                        torch.ops.cnnfuse.conv2d_cudnn])
+def _(x, weight, bias, stride, padding, dilation, *rest, out_shape=None, **kwargs):
+    return conv_flops(x, weight, stride, padding, dilation)
+
+
 # ---------------------------------------------------------------------------------------------
 # Implementation: every backend writes into `dest` (a view) when given, else allocates.
 
@@ -242,15 +257,20 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         if backend == "triton":
             if triton_interpreting():
                 from ..kernels import conv2d as kernel
+                ran("conv2d", "Triton (interpreter)")
                 return _triton(kernel.INTERPRETER_CONFIG if groups == 1
                                else kernel.INTERPRETER_GROUPED_CONFIG, *triton_args)
             warn_once("conv2d: the Triton kernel runs on CPU tensors only under "
                       "TRITON_INTERPRET=1; using the reference")
         elif backend == "cuda":
             # The CPU build of the CUDA C++ kernels: the same code paths the GPU runs.
+            ran("conv2d", ("CUDA C++ depthwise" if depthwise else "PyTorch conv + bias_act")
+                + " (CPU build)")
             return _scaled(_depthwise if depthwise else _library_conv, input_scale)(*args)
+        ran("conv2d", "reference")
         return _scaled(_reference, input_scale)(*args)
     if backend == "reference":
+        ran("conv2d", "reference")
         return _scaled(_reference, input_scale)(*args)
 
     candidates = {}
@@ -278,7 +298,19 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
                        reference=lambda: ref.conv2d(x, weight, bias, stride, padding, dilation,
                                                     groups, activation, residual, input_scale),
                        tolerance=_TOLERANCE[x.dtype], default=default)
+    ran("conv2d", backend_label(name))
+    if name.startswith("triton_"):
+        with relaxed_capture():
+            return candidates[name]()
     return candidates[name]()
+
+
+def backend_label(candidate: str) -> str:
+    """A readable name for an autotuner candidate (what the profiler prints)."""
+    if candidate.startswith("triton_"):
+        return f"Triton {candidate[7:]}"
+    return {"depthwise": "CUDA C++ depthwise", "cudnn_fused": "cuDNN fused (frontend)",
+            "cudnn": "cuDNN + CUDA C++ bias_act"}.get(candidate, candidate)
 
 
 def _key(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest) -> str:

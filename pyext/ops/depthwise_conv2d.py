@@ -7,8 +7,10 @@ C++ runs on CPU tensors (the CPU build of `_C`), which is how CI tests it.
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import ref
+from ..backend import ran
 from .._ext import _C
 from . import _check
 
@@ -23,7 +25,14 @@ def _(x, weight, bias, stride, padding, dilation, activation, residual, out):
     return None
 
 
+@register_flop_formula(torch.ops.cnnfuse.depthwise_conv2d)
+def _(x, weight, bias, stride, padding, dilation, *rest, out_shape=None, **kwargs):
+    from .conv2d import conv_flops
+    return conv_flops(x, weight, stride, padding, dilation)
+
+
 def _reference_impl(x, weight, bias, stride, padding, dilation, activation, residual, out):
+    ran("depthwise_conv2d", "reference")
     out.copy_(ref.depthwise_conv2d(x, weight, bias, stride, padding, dilation,
                                    ref.ACTIVATIONS[activation], residual))
 

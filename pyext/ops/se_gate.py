@@ -8,9 +8,11 @@ over the activation beyond the pooling read.
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import ref
-from ..backend import requested_backend, triton_interpreting, warn_once
+from .._ext import relaxed_capture
+from ..backend import ran, requested_backend, triton_interpreting, warn_once
 from . import _check
 
 
@@ -25,16 +27,24 @@ def _se_gate_op(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
         if backend == "triton":
             warn_once("se_gate: the Triton kernel runs on CPU tensors only under "
                       "TRITON_INTERPRET=1; using the reference")
+        ran("se_gate", "reference")
         return ref.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)
     from ..kernels.se_gate import se_gate as kernel
+    ran("se_gate", "Triton" if pooled.device.type == "cuda" else "Triton (interpreter)")
     gate = torch.empty(pooled.shape, dtype=w1.dtype, device=pooled.device)
-    return kernel(pooled, w1, b1, w2, b2, ref.activation_code(activation),
-                  ref.activation_code(gate_activation), gate)
+    with relaxed_capture():
+        return kernel(pooled, w1, b1, w2, b2, ref.activation_code(activation),
+                      ref.activation_code(gate_activation), gate)
 
 
 @_se_gate_op.register_fake
 def _(pooled, w1, b1, w2, b2, activation, gate_activation):
     return pooled.new_empty(pooled.shape, dtype=w1.dtype)
+
+
+@register_flop_formula(torch.ops.cnnfuse.se_gate)
+def _(pooled, w1, *rest, out_shape=None, **kwargs):
+    return 2 * 2 * pooled[0] * w1[0] * w1[1]  # two FC layers, N·R·C multiply-adds each
 
 
 def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
