@@ -249,6 +249,23 @@ def test_whole_model_on_the_triton_kernel(monkeypatch):
     assert relative_error(got, expected) < 1e-4  # tf32 is off on the CPU: fp32 dots
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3", "densenet121",
+                                  "shufflenet_v2_x1_0", "efficientnet_b0",
+                                  "timm/legacy_xception"])
+def test_torch_compile_fullgraph_of_fused_models(name):
+    """One graph, no breaks: branches, concatenations, channel shuffles, SE gates and the
+    module-tree fallback all trace through the cnnfuse ops."""
+    from cnnfuse.bench import zoo
+    model = zoo.build(name)
+    fused = cnnfuse.fuse(model)
+    x = torch.randn(1, 3, 160, 160).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fused(x))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["resnet50", "googlenet", "inception_v3", "densenet121",
