@@ -3,8 +3,10 @@
 # sized to fit one 10-minute call:
 #   tests    build, then every `cuda`-marked test
 #   ops      the per-layer suites
-#   models   the end-to-end suite's --quick selection, a per-op profile, and the report
+#   models   the end-to-end suite's --quick selection
 #   zoo EXPR the end-to-end suite filtered by -k EXPR (e.g. zoo "256 and fp16 and mobilenet")
+#   profile MODEL BATCH   the per-op profile of one fused model
+# Every phase after `tests` ends with the report of all JSON in $OUT.
 #   all      tests, ops and models
 # Logs, JSON and the report go to $OUT (default ./results).
 set -uo pipefail
@@ -36,15 +38,17 @@ if [[ $PHASE == models || $PHASE == all ]]; then
   python3 -m pytest bench/bench_models.py --benchmark-only -q --quick \
       --benchmark-json="$OUT/bench_models.json" --benchmark-columns=median,rounds 2>&1 \
       | tail -30 | tee "$OUT/bench_models.txt"
-  python3 -m cnnfuse.bench.profile --model mobilenet_v2 --batch 256 --out "$OUT" \
-      | tee "$OUT/profile.txt"
+fi
+if [[ $PHASE == profile ]]; then
+  python3 -m cnnfuse.bench.profile --model "${2:-mobilenet_v2}" --batch "${3:-256}" --out "$OUT" \
+      --top 30 | tee "$OUT/profile.txt"
 fi
 if [[ $PHASE == zoo ]]; then
   python3 -m pytest bench/bench_models.py --benchmark-only -q -k "${2:?zoo needs a -k expression}" \
       --benchmark-json="$OUT/bench_zoo.json" --benchmark-columns=median,rounds 2>&1 \
       | tail -30 | tee "$OUT/bench_zoo.txt"
 fi
-if [[ $PHASE == models || $PHASE == zoo || $PHASE == all ]]; then
+if [[ $PHASE != tests ]]; then
   python3 -m cnnfuse.bench.report "$OUT"/bench_*.json "$OUT"/profile_*.json --out "$OUT/report" \
       | tail -40
 fi
