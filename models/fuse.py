@@ -4,14 +4,19 @@ The passes run on an FX graph of the largest module that traces: the whole model
 else each child in turn (the module tree), so a model with one untraceable block still fuses
 everywhere else. Per conv site, in order: Conv2d -> FusedConv2d, fold the BatchNorm that reads
 it, absorb the activation that reads that; then each residual add whose operand is a fused
-conv with nothing after it becomes that conv's epilogue (with the activation after the add).
+conv with nothing after it becomes that conv's epilogue (with the activation after the add);
+squeeze-and-excitation gates move into the next conv's load; and concatenations (with the
+channel shuffle after them) become one buffer that the producing convs write into.
 """
 import copy
+import operator
 from typing import Optional
 
 import torch
 from torch import fx, nn
 
+from .concat import (cat_parts, channel_shuffle_after, concat_buffer, concat_result, copy_into,
+                     erase_unused)
 from .fused_conv import FusedConv2d
 from .patterns import (activation_of_module, activation_of_node, global_pool_input,
                        identity_at_inference, inference_passthrough, mul_operands,
@@ -209,6 +214,9 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if mul_operands(node):
                 self._fuse_squeeze_excite(node)
+        for node in list(self.graph.nodes):
+            if cat_parts(node):
+                self._fuse_concat(node)
         for node in self.graph.nodes:
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
                 self.report.skip(self.prefix + node.target,
@@ -355,3 +363,45 @@ class _GraphFuser:
         if self.calls.get(fc1_node.target, 1) > 1 or self.calls.get(fc2_node.target, 1) > 1:
             return None
         return pool, fc1_node, fc2_node
+
+    def _fuse_concat(self, cat) -> None:
+        parts = cat_parts(cat)
+        groups, chain = channel_shuffle_after(cat) or (1, [])
+        writers = [p for p in parts if self._writes_concat_slice(p, parts)]
+        if not writers:
+            return
+        # Writers run once the buffer exists: next to the cat, which alone reads them.
+        for p in writers:
+            cat.prepend(p)
+        with self.graph.inserting_before(writers[0]):
+            specs = []
+            for p in parts:
+                m = self.modules.get(p.target) if p in writers else None
+                specs.append((p.args[0], m.out_channels, m.kernel_size, m.stride, m.padding,
+                              m.dilation) if m is not None else p)
+            alloc = self.graph.call_function(concat_buffer, (tuple(specs), groups))
+            buffer, interleaved, *views = [self.graph.call_function(operator.getitem, (alloc, i))
+                                           for i in range(len(parts) + 2)]
+        written = []
+        with self.graph.inserting_before(cat):
+            for p, view in zip(parts, views):
+                if p in writers:
+                    p.kwargs = {**p.kwargs, "out": view}
+                    written.append(p)
+                else:
+                    written.append(self.graph.call_function(copy_into, (view, p)))
+            result = self.graph.call_function(concat_result,
+                                              (buffer, interleaved, groups, tuple(written)))
+        (chain[-1] if chain else cat).replace_all_uses_with(result)
+        for node in reversed(chain):
+            self.graph.erase_node(node)
+        cat.replace_all_uses_with(result)  # shape queries read the result just as well
+        erase_unused(self.graph, [cat])
+        self.report.add("conv writes its concat slice", len(writers))
+        if chain:
+            self.report.add("channel shuffle in conv stores")
+
+    def _writes_concat_slice(self, part, parts) -> bool:
+        return (isinstance(self._module(part), FusedConv2d) and len(part.users) == 1
+                and parts.count(part) == 1 and self.calls.get(part.target, 1) == 1
+                and "out" not in part.kwargs)

@@ -97,7 +97,9 @@ class FusedConv2d(nn.Module):
         self.folded_bn = True
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                input_scale: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """out: a view of the result's shape to write into (a slice of a concatenation)."""
         for flag, name, value in ((self.has_residual, "residual", residual),
                                   (self.has_input_scale, "input_scale", input_scale)):
             if flag != (value is not None):
@@ -110,10 +112,11 @@ class FusedConv2d(nn.Module):
                       "output; adding it outside the kernel")
             y = ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
                            self.dilation, self.groups, input_scale=input_scale)
-            return apply_activation(y + residual, self.activation)
+            y = apply_activation(y + residual, self.activation)
+            return y if out is None else out.copy_(y)
         return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
                           self.dilation, self.groups, activation=self.activation,
-                          residual=residual, input_scale=input_scale)
+                          residual=residual, input_scale=input_scale, out=out)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",

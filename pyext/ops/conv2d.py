@@ -209,6 +209,7 @@ def _depthwise(x, weight, bias, stride, padding, dilation, groups, activation, r
 
 
 def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+    x = x.contiguous(memory_format=torch.channels_last)  # its plans describe dense NHWC only
     y = torch.ops.cnnfuse.conv2d_cudnn(x, weight, bias, stride, padding, dilation, groups,
                                        ref.activation_code(activation), residual)
     return _deliver(y, dest)
@@ -242,7 +243,9 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
     backend = requested_backend()
     depthwise = is_depthwise(x, weight, groups)
     if x.device.type == "cuda" and backend != "reference":
-        if not x.is_contiguous(memory_format=torch.channels_last):
+        # Every kernel addresses x through its strides: a channel slice of an NHWC buffer (a
+        # ShuffleNet split, a branch of a concatenation) is read in place.
+        if x.stride(1) != 1 and x.shape[1] > 1:
             warn_once("conv2d: input is not channels_last; converting it costs a copy per call "
                       "(pass channels_last tensors, or use cnnfuse.fuse which does)")
             x = x.contiguous(memory_format=torch.channels_last)
@@ -314,7 +317,10 @@ def backend_label(candidate: str) -> str:
 
 
 def _key(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest) -> str:
-    sliced = dest is not None and not dest.is_contiguous(memory_format=torch.channels_last)
+    def layout(t):  # dense, or the strides of a slice (the fastest kernel may differ)
+        dense = t is None or t.is_contiguous(memory_format=torch.channels_last)
+        return "dense" if dense else "x".join(map(str, t.stride()))
     return (f"{str(x.dtype)[6:]} x{list(x.shape)} w{list(weight.shape)} s{stride} p{padding} "
             f"d{dilation} g{groups} {activation} bias={bias is not None} "
-            f"res={residual is not None} slice={sliced} tf32={torch.backends.cudnn.allow_tf32}")
+            f"res={residual is not None} in={layout(x)} out={layout(dest)} "
+            f"tf32={torch.backends.cudnn.allow_tf32}")

@@ -1,0 +1,144 @@
+"""Concatenations without torch.cat: convs write their outputs straight into their channel
+slices (every g-th channel when a channel shuffle follows), other parts are copied in. Every
+case runs with torch.empty poisoned with NaN, so a channel nobody writes shows."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnfuse
+
+from ..util import randomize_batchnorm, relative_error, triton_runnable
+
+
+def _conv_bn(cin, cout, k=1, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Inception(nn.Module):
+    """Four branches as GoogLeNet has them, plus a bare pool branch that must be copied."""
+    def __init__(self, c=12):
+        super().__init__()
+        self.b1 = _conv_bn(c, 5)
+        self.b2 = nn.Sequential(_conv_bn(c, 6), _conv_bn(6, 7, 3))
+        self.b3 = nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv_bn(c, 3))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), F.max_pool2d(x, 3, 1, 1)], 1)
+
+
+def _shuffle(x, groups, form):
+    n, c, h, w = x.size()
+    x = x.view(n, groups, c // groups, h, w)
+    if form == "flatten":
+        return torch.transpose(x, 1, 2).flatten(1, 2)
+    if form == "reshape":
+        return x.transpose(1, 2).reshape(n, c, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(n, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet v2's unit: split, one branch through 1x1 → depthwise → 1x1, cat, shuffle."""
+    def __init__(self, c=16, stride=1, form="view", split=None):
+        super().__init__()
+        self.stride, self.form = stride, form
+        half = c // 2
+        self.split = split or half
+        if stride == 2:
+            self.branch1 = nn.Sequential(_conv_bn(c, c, 3, 2, groups=c), _conv_bn(c, half))
+            cin = c
+        else:
+            cin = c - self.split
+        self.branch2 = nn.Sequential(_conv_bn(cin, half), _conv_bn(half, half, 3, stride, half),
+                                     _conv_bn(half, c - self.split if stride == 1 else half))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x[:, :self.split], x[:, self.split:]
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return _shuffle(out, 2, self.form)
+
+
+@contextlib.contextmanager
+def _poisoned_empty(monkeypatch):
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", empty)
+        yield
+
+
+def _check(model, x, monkeypatch, tolerance=2e-5):
+    model = randomize_batchnorm(model).eval()
+    with torch.no_grad():
+        expected = model(x)
+        fused = cnnfuse.fuse(model)
+        with _poisoned_empty(monkeypatch):
+            got = fused(x.contiguous(memory_format=torch.channels_last))
+    assert torch.isfinite(got).all(), "a channel of the concatenation was never written"
+    assert relative_error(got, expected) < tolerance
+    code = "".join(m.code for m in fused.modules() if isinstance(m, torch.fx.GraphModule))
+    assert code and "torch.cat" not in code and "transpose" not in code
+    return cnnfuse.explain(model), fused
+
+
+def test_inception_branches_write_their_slices(monkeypatch):
+    report, _ = _check(Inception(), torch.randn(2, 12, 9, 7), monkeypatch)
+    assert report.fused["conv writes its concat slice"] == 3  # the bare pool is copied
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("form", ["view", "flatten", "reshape"])
+def test_channel_shuffle_becomes_interleaved_stores(stride, form, monkeypatch):
+    report, _ = _check(ShuffleUnit(16, stride, form), torch.randn(2, 16, 9, 11), monkeypatch)
+    assert report.fused["channel shuffle in conv stores"] == 1
+    assert report.fused["conv writes its concat slice"] == stride
+
+
+def test_shuffle_of_unequal_parts_is_still_exact(monkeypatch):
+    """Groups that are not the parts: the buffer is a plain cat, shuffled once at the end."""
+    _check(ShuffleUnit(16, 1, split=6), torch.randn(2, 16, 5, 5), monkeypatch)
+
+
+def test_part_read_elsewhere_is_copied(monkeypatch):
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = _conv_bn(4, 6), _conv_bn(4, 5)
+
+        def forward(self, x):
+            a = self.a(x)
+            return torch.cat([a, self.b(x)], 1) + a.mean()
+    report, _ = _check(TwoUses(), torch.randn(2, 4, 6, 6), monkeypatch)
+    assert report.fused["conv writes its concat slice"] == 1
+
+
+def test_cpu_build_of_the_cuda_kernels_writes_interleaved(backend, monkeypatch):
+    """Depthwise (C++) and library conv + bias_act (C++) writing every other channel."""
+    backend("cuda")
+    _check(ShuffleUnit(16, 2), torch.randn(2, 16, 9, 11), monkeypatch)
+
+
+@pytest.mark.skipif(not triton_runnable(), reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_triton_kernel_reads_slices_and_writes_interleaved(backend, monkeypatch):
+    backend("triton")
+    _check(nn.Sequential(ShuffleUnit(16, 1), ShuffleUnit(16, 2)), torch.randn(1, 16, 7, 6),
+           monkeypatch)
+
+
+def test_fused_shufflenet_compiles_in_one_graph():
+    model = ShuffleUnit(16, 2)
+    fused = cnnfuse.fuse(randomize_batchnorm(model).eval())
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fused(x))
