@@ -89,6 +89,9 @@ def _describe(func, args, out) -> str:
             text += " +res"
         if name in ("conv2d", "conv2d_into") and rest[3] is not None:
             text += " ·se"
+        if name == "conv2d_into":
+            step = rest[4].stride(1)
+            text += " →slice" if step == 1 else f" →slice, channel step {step}"
         return text
     if func.namespace == "cnnfuse" and name == "se_gate":
         return f"se gate {args[0].shape[1]}→{args[1].shape[0]}→{args[0].shape[1]}"
@@ -266,8 +269,8 @@ def main(argv=None) -> int:
           f"({'CUDA graphs' if cuda else 'CPU'})")
     print(table(ops, total, args.top, "in one CUDA graph" if cuda else "in one call"))
     if not cuda:
-        print("No CUDA GPU: these are CPU timings of the reference path at batch "
-              f"{batch}; they show the mechanics, not GPU speed.")
+        print(f"No CUDA GPU: these are CPU timings at batch {batch}; they show the "
+              "mechanics, not GPU speed.")
     record = {"kind": "cnnfuse.profile", "machine": info(), "model": args.model,
               "batch": batch, "dtype": dtype_name, "device": device, "total_ms": total,
               "ops": [dict(asdict(op), ms=op.ms, floor_ms=op.floor_ms, share=op.ms / total)
