@@ -214,8 +214,11 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if mul_operands(node):
                 self._fuse_squeeze_excite(node)
-        for node in list(self.graph.nodes):
-            if cat_parts(node):
+        # Outer concatenations first, so one nested in another (Inception-v3's last blocks)
+        # is spliced into it and its convs write into the outer buffer.
+        self._spliced = set()
+        for node in reversed(list(self.graph.nodes)):
+            if node not in self._spliced and cat_parts(node):
                 self._fuse_concat(node)
         for node in self.graph.nodes:
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
@@ -365,8 +368,8 @@ class _GraphFuser:
         return pool, fc1_node, fc2_node
 
     def _fuse_concat(self, cat) -> None:
-        parts = cat_parts(cat)
         groups, chain = channel_shuffle_after(cat) or (1, [])
+        parts, inner = self._flat_parts(cat)
         writers = [p for p in parts if self._writes_concat_slice(p, parts)]
         if not writers:
             return
@@ -396,10 +399,25 @@ class _GraphFuser:
         for node in reversed(chain):
             self.graph.erase_node(node)
         cat.replace_all_uses_with(result)  # shape queries read the result just as well
-        erase_unused(self.graph, [cat])
+        erase_unused(self.graph, inner + [cat])  # the outer first: it reads the inner
+        self._spliced.update(inner)
         self.report.add("conv writes its concat slice", len(writers))
         if chain:
             self.report.add("channel shuffle in conv stores")
+
+    def _flat_parts(self, cat) -> tuple:
+        """The parts of `cat` with every concatenation read only by it spliced in, and those
+        inner concatenations."""
+        parts, inner = [], []
+        for p in cat_parts(cat):
+            if (cat_parts(p) and len(p.users) == 1 and cat_parts(cat).count(p) == 1
+                    and not channel_shuffle_after(p)):
+                sub, subinner = self._flat_parts(p)
+                parts += sub
+                inner += [p] + subinner
+            else:
+                parts.append(p)
+        return parts, inner
 
     def _writes_concat_slice(self, part, parts) -> bool:
         return (isinstance(self._module(part), FusedConv2d) and len(part.users) == 1

@@ -95,6 +95,22 @@ def test_inception_branches_write_their_slices(monkeypatch):
     assert report.fused["conv writes its concat slice"] == 3  # the bare pool is copied
 
 
+def test_nested_concatenation_is_spliced_into_the_outer(monkeypatch):
+    """Inception-v3's last blocks: a branch that is itself a cat of two convs."""
+    class InceptionE(nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.b1, self.stem = _conv_bn(c, 4), _conv_bn(c, 6)
+            self.a, self.b = _conv_bn(6, 3, 3), _conv_bn(6, 5, 3)
+
+        def forward(self, x):
+            s = self.stem(x)
+            return torch.cat([self.b1(x), torch.cat([self.a(s), self.b(s)], 1)], 1)
+    report, fused = _check(InceptionE(), torch.randn(2, 8, 5, 6), monkeypatch)
+    assert report.fused["conv writes its concat slice"] == 3
+    assert "copy_into" not in fused.code
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("form", ["view", "flatten", "reshape"])
 def test_channel_shuffle_becomes_interleaved_stores(stride, form, monkeypatch):
