@@ -6,6 +6,10 @@ parts are produced. A part that is a fused conv read by nothing else stores its 
 view of the buffer: a channel slice, or every g-th channel when a shuffle of g equal parts
 follows, which is the shuffle done by the store's index map. Any other part is copied in.
 That saves the cat's read and write of every conv output, and the shuffle's whole copy.
+
+Dense connectivity (DenseNet: each layer reads the cat of everything before it in its block)
+gets one buffer per block: each layer's conv writes its slice once and every concatenation
+is a prefix view of the buffer, instead of a copy of all earlier features per layer.
 """
 import operator
 from typing import Optional
@@ -64,13 +68,32 @@ def concat_result(buffer: torch.Tensor, interleaved: bool, groups: int,
     return buffer.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-def cat_parts(node: fx.Node) -> Optional[list]:
+@fx.wrap
+def growing_buffer(first: torch.Tensor, channels: tuple) -> tuple:
+    """A dense block's buffer: `first`'s channels, then each layer's. Returns (views of each
+    part, views of each prefix: [first], [first, layer 1], ...)."""
+    n, c0, h, w = first.shape
+    sizes = (c0,) + tuple(channels)
+    buffer = torch.empty((n, sum(sizes), h, w), dtype=first.dtype, device=first.device,
+                         memory_format=torch.channels_last)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return (tuple(buffer.narrow(1, s, c) for s, c in zip(starts, sizes)),
+            tuple(buffer.narrow(1, 0, s + c) for s, c in zip(starts, sizes)))
+
+
+@fx.wrap
+def ready(view: torch.Tensor, written: tuple) -> torch.Tensor:
+    """`view` once the writes in `written` are done (the tuple only orders the graph)."""
+    return view
+
+
+def cat_parts(node: fx.Node, min_parts: int = 2) -> Optional[list]:
     """The parts of a `torch.cat(parts, dim=1)` node, or None."""
     if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
         return None
     parts = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) < 2:
+    if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) < min_parts:
         return None
     return list(parts) if all(isinstance(p, fx.Node) for p in parts) else None
 

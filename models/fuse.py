@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .concat import (cat_parts, channel_shuffle_after, concat_buffer, concat_result, copy_into,
-                     erase_unused)
+                     erase_unused, growing_buffer, ready)
 from .fused_conv import FusedConv2d
 from .patterns import (activation_of_module, activation_of_node, global_pool_input,
                        identity_at_inference, inference_passthrough, mul_operands,
@@ -214,6 +214,7 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if mul_operands(node):
                 self._fuse_squeeze_excite(node)
+        self._fuse_growing_concats()
         # Outer concatenations first, so one nested in another (Inception-v3's last blocks)
         # is spliced into it and its convs write into the outer buffer.
         self._spliced = set()
@@ -404,6 +405,49 @@ class _GraphFuser:
         self.report.add("conv writes its concat slice", len(writers))
         if chain:
             self.report.add("channel shuffle in conv stores")
+
+    def _fuse_growing_concats(self) -> None:
+        """Concatenations whose parts lists extend one another (a dense block: [x],
+        [x, f1], [x, f1, f2], ...) become prefix views of one buffer that each f writes."""
+        families = {}
+        for node in self.graph.nodes:
+            parts = cat_parts(node, min_parts=1)
+            if parts:
+                families.setdefault(parts[0], []).append((node, parts))
+        for first, cats in families.items():
+            cats.sort(key=lambda c: len(c[1]))
+            longest = cats[-1][1]
+            members = {c for c, _ in cats}
+            if (len(cats) < 3 or len(set(longest)) != len(longest)
+                    or any(parts != longest[:len(parts)] for _, parts in cats)
+                    or not all(self._writes_growing_slice(p, members) for p in longest[1:])):
+                continue
+            with self.graph.inserting_before(first.next):
+                channels = tuple(self.modules[p.target].out_channels for p in longest[1:])
+                alloc = self.graph.call_function(growing_buffer, (first, channels))
+                views, prefixes = [self.graph.call_function(operator.getitem, (alloc, i))
+                                   for i in (0, 1)]
+                view0 = self.graph.call_function(operator.getitem, (views, 0))
+                written = [self.graph.call_function(copy_into, (view0, first))]
+            for i, p in enumerate(longest[1:], 1):
+                with self.graph.inserting_before(p):
+                    view = self.graph.call_function(operator.getitem, (views, i))
+                p.kwargs = {**p.kwargs, "out": view}
+                written.append(p)
+            for cat, parts in cats:
+                with self.graph.inserting_before(cat):
+                    prefix = self.graph.call_function(operator.getitem,
+                                                      (prefixes, len(parts) - 1))
+                    cat.replace_all_uses_with(self.graph.call_function(
+                        ready, (prefix, tuple(written[:len(parts)]))))
+                self.graph.erase_node(cat)
+            self.report.add("conv writes its concat slice", len(longest) - 1)
+            self.report.add("dense block in one buffer")
+
+    def _writes_growing_slice(self, part, members) -> bool:
+        return (isinstance(self._module(part), FusedConv2d)
+                and self.calls.get(part.target, 1) == 1 and "out" not in part.kwargs
+                and all(u in members for u in part.users))
 
     def _flat_parts(self, cat) -> tuple:
         """The parts of `cat` with every concatenation read only by it spliced in, and those

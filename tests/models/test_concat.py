@@ -111,6 +111,37 @@ def test_nested_concatenation_is_spliced_into_the_outer(monkeypatch):
     assert "copy_into" not in fused.code
 
 
+def test_dense_blocks_share_one_buffer(monkeypatch):
+    """DenseNet: each layer's conv writes its slice once; every concatenation is a prefix."""
+    import torchvision
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(3, 2),
+                                        num_init_features=8, bn_size=2, num_classes=5)
+    report, fused = _check(model, torch.randn(2, 3, 32, 32), monkeypatch)
+    assert report.fused["dense block in one buffer"] == 2
+    assert report.fused["conv writes its concat slice"] == 5
+    assert fused.code.count("copy_into(") == 2  # each block's input, once
+
+
+def test_dense_feature_read_elsewhere_keeps_its_cats(monkeypatch):
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.f2 = _conv_bn(4, 3), _conv_bn(7, 3)
+
+        def forward(self, x):
+            a = self.f1(torch.cat([x], 1))
+            b = self.f2(torch.cat([x, a], 1))
+            return torch.cat([x, a, b], 1), a.sum()
+    model = randomize_batchnorm(Leaky()).eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected, fused = model(x), cnnfuse.fuse(model)
+        with _poisoned_empty(monkeypatch):
+            got = fused(x)
+    assert "dense block in one buffer" not in cnnfuse.explain(model).fused
+    assert all(relative_error(g, e) < 2e-5 for g, e in zip(got, expected))
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("form", ["view", "flatten", "reshape"])
 def test_channel_shuffle_becomes_interleaved_stores(stride, form, monkeypatch):
