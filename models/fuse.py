@@ -5,8 +5,9 @@ else each child in turn (the module tree), so a model with one untraceable block
 everywhere else. Per conv site, in order: Conv2d -> FusedConv2d, fold the BatchNorm that reads
 it, absorb the activation that reads that; then each residual add whose operand is a fused
 conv with nothing after it becomes that conv's epilogue (with the activation after the add);
-squeeze-and-excitation gates move into the next conv's load; and concatenations (with the
-channel shuffle after them) become one buffer that the producing convs write into.
+squeeze-and-excitation gates move into the next conv's load; concatenations (with the
+channel shuffle after them) become one buffer that the producing convs write into; and
+sibling convs that read one tensor merge into one.
 """
 import copy
 import operator
@@ -23,6 +24,7 @@ from .patterns import (activation_of_module, activation_of_node, global_pool_inp
                        residual_operands)
 from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
+from .siblings import merged, sibling_groups
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -221,6 +223,7 @@ class _GraphFuser:
         for node in reversed(list(self.graph.nodes)):
             if node not in self._spliced and cat_parts(node):
                 self._fuse_concat(node)
+        self._merge_siblings()  # after the concatenations: their writers keep writing direct
         for node in self.graph.nodes:
             if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
                 self.report.skip(self.prefix + node.target,
@@ -448,6 +451,23 @@ class _GraphFuser:
         return (isinstance(self._module(part), FusedConv2d)
                 and self.calls.get(part.target, 1) == 1 and "out" not in part.kwargs
                 and all(u in members for u in part.users))
+
+    def _merge_siblings(self) -> None:
+        for source, nodes in sibling_groups(self.graph, self.modules, self.calls):
+            convs = [self.modules[n.target] for n in nodes]
+            # On the root: a container (Sequential) with an extra child would run it if called.
+            name = nodes[0].target.replace(".", "_") + "_merged"
+            self._replace_module(name, merged(convs))
+            with self.graph.inserting_before(nodes[0]):
+                whole = self.graph.call_module(name, (source,))
+            start = 0
+            for node, conv in zip(nodes, convs):
+                with self.graph.inserting_before(node):
+                    part = self.graph.call_method("narrow", (whole, 1, start, conv.out_channels))
+                node.replace_all_uses_with(part)
+                self.graph.erase_node(node)
+                start += conv.out_channels
+            self.report.add("sibling convs merged", len(nodes))
 
     def _flat_parts(self, cat) -> tuple:
         """The parts of `cat` with every concatenation read only by it spliced in, and those
