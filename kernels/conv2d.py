@@ -97,14 +97,15 @@ def default_config(m: int, k: int, c: int, groups: int = 1) -> Conv2dConfig:
 
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr,
     N, C, H, W, K, OH, OW,
-    sxn, sxc, sxh, sxw, ssn, ssc,
+    sxn, sxc, sxh, sxw, ssn, ssc, sar, sac,
     swk, swc, swr, sws,
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, CG, KG,
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -156,7 +157,14 @@ def _conv2d_kernel(
             for c0 in range(c_lo, c_hi, BLOCK_K):
                 cs = c0 + offs_k
                 c_ok = cs < c_hi
-                a = tl.load(x_rows + cs[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                a_ok = ok[:, None] & c_ok[None, :]
+                a = tl.load(x_rows + cs[None, :] * sxc, mask=a_ok, other=0.0)
+                if HAS_AFFINE:  # pre-activation BatchNorm + activation, as the tile loads
+                    sc = tl.load(affine_ptr + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
+                    sh = tl.load(affine_ptr + sar + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
+                    v = apply_activation(a.to(tl.float32) * sc[None, :] + sh[None, :], IN_ACT)
+                    v = tl.where(a_ok, v, 0.0)  # padding is zero after the prologue too
+                    a = v if DOT_FP32 else v.to(x_ptr.dtype.element_ty)
                 if HAS_SCALE:  # squeeze-excitation gate, applied as the input tile loads
                     g = tl.load(scale_ptr + n[:, None] * ssn + cs[None, :] * ssc,
                                 mask=mask_m[:, None] & c_ok[None, :], other=0.0)
@@ -187,10 +195,12 @@ def _conv2d_kernel(
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
            stride, padding, dilation, act_code: int, config: Conv2dConfig,
-           allow_tf32: bool = True, input_scale=None) -> torch.Tensor:
+           allow_tf32: bool = True, input_scale=None, input_affine=None,
+           input_act_code: int = 0) -> torch.Tensor:
     """Launch on already-validated tensors; padding = (left, right, top, bottom); y is the
-    (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer; input_scale
-    is an optional (N, C) per-image channel scale applied as x loads."""
+    (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer. As x loads:
+    input_affine (2, C) fp32 scale and shift rows with activation input_act_code, then
+    input_scale (N, C), a per-image channel scale."""
     N, C, H, W = x.shape
     K, CG, R, S = weight.shape
     groups = C // CG
@@ -207,13 +217,16 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
     res = residual if residual is not None else y
     grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
     scale = input_scale if input_scale is not None else y
+    affine = input_affine if input_affine is not None else y
     _conv2d_kernel[grid](
-        x, weight, bias if bias is not None else y, res, y, scale,
+        x, weight, bias if bias is not None else y, res, y, scale, affine,
         N, C, H, W, K, OH, OW,
-        *x.stride(), scale.stride(0), scale.stride(1), *weight.stride(), *res.stride(),
+        *x.stride(), scale.stride(0), scale.stride(1), affine.stride(0), affine.stride(1),
+        *weight.stride(), *res.stride(),
         *y.stride(),
         stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1], CG, K // groups,
         R=R, S=S, GROUPED=groups > 1, HAS_SCALE=input_scale is not None,
+        HAS_AFFINE=input_affine is not None, IN_ACT=input_act_code,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
         PRECISION=precision, DOT_FP32=dot_fp32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -226,13 +239,15 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
 
 def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
                   has_residual: bool = True, grouped: bool = False, has_scale: bool = False,
-                  capability: int = 90):
+                  has_affine: bool = False, capability: int = 90):
     """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
     constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_SCALE=has_scale,
+                      HAS_AFFINE=has_affine, IN_ACT=1 if has_affine else 0,
                       HAS_BIAS=True, HAS_RES=has_residual,
                       ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, GROUP_M=config.group_m)
     pointers = dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "scale_ptr"), dtype)
+    pointers["affine_ptr"] = torch.float32
     return compile_for(_conv2d_kernel, constexprs, pointers, config.num_warps, config.num_stages,
                        capability)

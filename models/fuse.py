@@ -214,6 +214,9 @@ class _GraphFuser:
             if residual_operands(node):
                 self._fuse_residual(node)
         for node in list(self.graph.nodes):
+            if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
+                self._fuse_input_bn(node)
+        for node in list(self.graph.nodes):
             if mul_operands(node):
                 self._fuse_squeeze_excite(node)
         self._fuse_growing_concats()
@@ -296,6 +299,33 @@ class _GraphFuser:
         self._absorb(user, node)
         self.report.add(f"activation {act}")
         return user
+
+    def _fuse_input_bn(self, bn_node) -> None:
+        """BatchNorm → [activation] → conv with nothing else reading the BatchNorm or the
+        activation (pre-activation blocks, DenseNet's layers and transitions): both move
+        into the conv's load stage."""
+        bn = self.modules[bn_node.target]
+        act, reason = _bn_epilogue(bn)
+        if (reason or len(bn_node.args) != 1 or bn_node.kwargs
+                or self.calls[bn_node.target] > 1):
+            return
+        erased, user = [bn_node], self._sole_user(bn_node)
+        if act == "none" and user is not None:
+            act_of_user = activation_of_node(user, self.modules)
+            if act_of_user is not None:
+                act, erased, user = act_of_user, [user, bn_node], self._sole_user(user)
+        conv = self._module(user) if user is not None else None
+        # _sole_user: the conv reads it as its input only (a residual operand stays as is)
+        if not (isinstance(conv, FusedConv2d) and not user.kwargs
+                and erased[0] not in user.args[1:]
+                and self.calls.get(user.target, 1) == 1 and conv.input_affine is None
+                and not conv.has_input_scale and conv.in_channels == bn.num_features):
+            return
+        conv.absorb_input_bn(bn, act)
+        user.args = (bn_node.args[0],) + tuple(user.args[1:])
+        for node in erased:
+            self.graph.erase_node(node)
+        self.report.add("batchnorm + act in conv's load")
 
     def _fuse_residual(self, add) -> None:
         a, b = residual_operands(add)

@@ -23,6 +23,17 @@ def _describe(r) -> str:
     return f"{tuple(r.shape)} {r.dtype}" if isinstance(r, torch.Tensor) else type(r).__name__
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple:
+    """An eval-mode BatchNorm as y = x · scale + shift, per channel, in float64."""
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
 class FusedConv2d(nn.Module):
     """act(conv2d(x, weight) + bias + residual) through `cnnfuse.ops.conv2d`.
 
@@ -42,6 +53,10 @@ class FusedConv2d(nn.Module):
         self.padding = tuple(padding)  # (left, right, top, bottom)
         self.activation, self.has_residual = activation, has_residual
         self.has_input_scale = False  # forward takes a squeeze-excitation gate (N, C_in)
+        # A BatchNorm (+ activation) before the conv, applied as the input loads: (2, C_in)
+        # scale and shift rows.
+        self.register_buffer("input_affine", None)
+        self.input_activation = "none"
         self.folded_bn = False
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw),
                                    requires_grad=False)
@@ -77,19 +92,25 @@ class FusedConv2d(nn.Module):
                             else w.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
+    def absorb_input_bn(self, bn: nn.BatchNorm2d, activation: str = "none") -> None:
+        """Apply an eval-mode BatchNorm that feeds this conv (and the activation after it) to
+        the input as it loads: a pre-activation block."""
+        if self.input_affine is not None or self.has_input_scale:
+            raise ValueError("absorb_input_bn: the conv already has an input prologue")
+        activation_code(activation)
+        scale, shift = bn_affine(bn)
+        self.input_affine = torch.stack([scale, shift]).float().to(self.weight.device)
+        self.input_activation = activation
+
+    @torch.no_grad()
     def fold_bn(self, bn: nn.BatchNorm2d) -> None:
         """Fold an eval-mode BatchNorm that reads this conv's output, using its running
         statistics (in float64, then back to the weight's dtype)."""
         if self.activation != "none" or self.has_residual:
             raise ValueError("fold_bn: BatchNorm must come before the activation and residual add")
-        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.double()
-        shift = -bn.running_mean.double() * scale
+        scale, shift = bn_affine(bn)
         if self.bias is not None:
             shift = shift + self.bias.double() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.double()
         dtype, device = self.weight.dtype, self.weight.device
         self.weight.data = (self.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype)
         self.pack_weight()
@@ -111,12 +132,16 @@ class FusedConv2d(nn.Module):
             warn_once(f"FusedConv2d: residual {_describe(residual)} does not match the conv "
                       "output; adding it outside the kernel")
             y = ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
-                           self.dilation, self.groups, input_scale=input_scale)
+                           self.dilation, self.groups, input_scale=input_scale,
+                           input_affine=self.input_affine,
+                           input_activation=self.input_activation)
             y = apply_activation(y + residual, self.activation)
             return y if out is None else out.copy_(y)
         return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
                           self.dilation, self.groups, activation=self.activation,
-                          residual=residual, input_scale=input_scale, out=out)
+                          residual=residual, input_scale=input_scale,
+                          input_affine=self.input_affine,
+                          input_activation=self.input_activation, out=out)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
@@ -133,4 +158,6 @@ class FusedConv2d(nn.Module):
             parts.append("residual=add")
         if self.has_input_scale:
             parts.append("input_scale=se_gate")
+        if self.input_affine is not None:
+            parts.append(f"input=bn+{self.input_activation}")
         return ", ".join(parts)

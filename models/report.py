@@ -29,7 +29,7 @@ class FusionReport:
                  f"({100 * self.coverage:.1f}%)"]
         for pattern, n in sorted(self.fused.items()):
             if pattern != "conv":
-                lines.append(f"  {pattern:<28} {n:>5}")
+                lines.append(f"  {pattern:<32} {n:>5}")
         if self.untraceable:
             lines.append("  traced per submodule (FX could not trace the whole):")
             lines += [f"    {path or '<model>'}: {err}" for path, err in self.untraceable]

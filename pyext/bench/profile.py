@@ -87,10 +87,12 @@ def _describe(func, args, out) -> str:
             text += f" {act}"
         if name.startswith("conv2d") and len(rest) > 2 and rest[2] is not None:
             text += " +res"
+        if name in ("conv2d", "conv2d_into") and rest[4] is not None:
+            text = text.replace(f" {x.shape[1]}→", f" bn+{rest[5]}({x.shape[1]})→", 1)
         if name in ("conv2d", "conv2d_into") and rest[3] is not None:
             text += " ·se"
         if name == "conv2d_into":
-            step = rest[4].stride(1)
+            step = rest[6].stride(1)
             text += " →slice" if step == 1 else f" →slice, channel step {step}"
         return text
     if func.namespace == "cnnfuse" and name == "se_gate":

@@ -1,7 +1,10 @@
-"""cnnfuse::conv2d — y = act(conv2d(x · s, w) + bias + residual), optionally into a channel slice.
+"""cnnfuse::conv2d — y = act(conv2d(prologue(x), w) + bias + residual), optionally into a channel
+slice.
 
-`s` is an optional per-image, per-channel input scale (N, C): a squeeze-and-excitation gate
-applied in the kernel's load stage instead of as a pass of its own.
+The prologue runs in the kernel's load stage instead of as passes of their own: an optional
+per-channel affine + activation (a pre-activation BatchNorm and its ReLU, as DenseNet puts
+them before each conv), then an optional per-image, per-channel scale (N, C) (a
+squeeze-and-excitation gate).
 
 Two schemas share one implementation: `conv2d` returns a new channels_last tensor, and
 `conv2d_into` writes into channels [offset, offset + K) of a wider buffer, which is how
@@ -58,7 +61,7 @@ def output_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, i
 
 
 def plan(x, weight, bias, stride, padding, dilation, groups, activation, residual,
-         input_scale=None):
+         input_scale=None, input_affine=None, input_activation="none"):
     """Checks the arguments of a convolution; returns (stride, padding as (left, right, top,
     bottom), dilation, output shape)."""
     _check.tensor("x", x, 4)
@@ -90,6 +93,16 @@ def plan(x, weight, bias, stride, padding, dilation, groups, activation, residua
         if tuple(input_scale.shape) != (n, c):
             raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}; x needs "
                              f"({n}, {c})")
+    ref.activation_code(input_activation)
+    if input_affine is not None:
+        _check.tensor("input_affine", input_affine, 2)
+        _check.same_dtype("input_affine", input_affine, x, also=(torch.float32,))
+        _check.same_device("input_affine", input_affine, x)
+        if tuple(input_affine.shape) != (2, c):
+            raise ValueError(f"input_affine has shape {tuple(input_affine.shape)}; x needs "
+                             f"(2, {c}) (scale row, shift row)")
+    elif input_activation != "none":
+        raise ValueError("input_activation needs input_affine (the activation follows it)")
     return stride, pads, dilation, (n, k, oh, ow)
 
 
@@ -97,24 +110,30 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            stride: Union[int, Sequence[int]] = 1, padding=0,
            dilation: Union[int, Sequence[int]] = 1, groups: int = 1, *,
            activation: str = "none", residual: Optional[torch.Tensor] = None,
-           input_scale: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-           out_channel_offset: int = 0) -> torch.Tensor:
-    """y = act(conv2d(x · input_scale, weight, stride, padding, dilation, groups) + bias
-    + residual).
+           input_scale: Optional[torch.Tensor] = None,
+           input_affine: Optional[torch.Tensor] = None, input_activation: str = "none",
+           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+    """y = act(conv2d(x', weight, stride, padding, dilation, groups) + bias + residual), with
+    x' = input_act(x · input_affine[0] + input_affine[1]) · input_scale.
 
-    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. input_scale: (N, C)
-    multiplies input channels per image (x · s is rounded to x's dtype, as PyTorch's own
-    multiply would). With `out` (N, C_total, OH, OW), y lands in channels
+    padding: int, (h, w), (left, right, top, bottom), 'same' or 'valid'. input_affine: (2, C)
+    in float32 or x's dtype, a per-channel scale and shift (an eval-mode BatchNorm before the conv), followed
+    by input_activation. input_scale: (N, C) multiplies input channels per image (an SE gate).
+    Each prologue step is rounded to x's dtype, as PyTorch's own ops would round it, and
+    padding stays zero. With `out` (N, C_total, OH, OW), y lands in channels
     [out_channel_offset, +C_out) and `out` is returned. Inference only: no autograd.
     """
     stride, pads, dilation, shape = plan(x, weight, bias, stride, padding, dilation, groups,
-                                         activation, residual, input_scale)
+                                         activation, residual, input_scale, input_affine,
+                                         input_activation)
     if out is None:
         return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
-                                        activation, residual, input_scale)
+                                        activation, residual, input_scale, input_affine,
+                                        input_activation)
     _check.out_slice(out, x, shape, out_channel_offset)
     torch.ops.cnnfuse.conv2d_into(x, weight, bias, stride, pads, dilation, groups, activation,
-                                  residual, input_scale, out, out_channel_offset)
+                                  residual, input_scale, input_affine, input_activation, out,
+                                  out_channel_offset)
     return out
 
 
@@ -122,30 +141,32 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                stride: list[int], padding: list[int], dilation: list[int], groups: int,
                activation: str, residual: Optional[torch.Tensor],
-               input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+               input_scale: Optional[torch.Tensor], input_affine: Optional[torch.Tensor],
+               input_activation: str) -> torch.Tensor:
     return _run(x, weight, bias, stride, padding, dilation, groups, activation, residual,
-                input_scale, None)
+                (input_scale, input_affine, input_activation), None)
 
 
 @torch.library.custom_op("cnnfuse::conv2d_into", mutates_args=("out",))
 def _conv2d_into_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     stride: list[int], padding: list[int], dilation: list[int], groups: int,
                     activation: str, residual: Optional[torch.Tensor],
-                    input_scale: Optional[torch.Tensor], out: torch.Tensor,
-                    out_channel_offset: int) -> None:
+                    input_scale: Optional[torch.Tensor], input_affine: Optional[torch.Tensor],
+                    input_activation: str, out: torch.Tensor, out_channel_offset: int) -> None:
     dest = out.narrow(1, out_channel_offset, weight.shape[0])
-    _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
-         dest)
+    _run(x, weight, bias, stride, padding, dilation, groups, activation, residual,
+         (input_scale, input_affine, input_activation), dest)
 
 
 @_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
+      input_affine, input_activation):
     return _empty_out(x, weight, stride, padding, dilation)
 
 
 @_conv2d_into_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale, out,
-      offset):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
+      input_affine, input_activation, out, offset):
     return None
 
 
@@ -216,29 +237,30 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation,
 
 
 def _triton(config, x, weight, bias, stride, padding, dilation, groups, activation, residual,
-            dest, input_scale=None):
+            dest, prologue=(None, None, "none")):
     from ..kernels import conv2d as kernel
     y = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
     allow_tf32 = torch.backends.cudnn.allow_tf32
     return kernel.conv2d(x, weight, bias, residual, y, stride, padding, dilation,
-                         ref.activation_code(activation), config, allow_tf32, input_scale)
+                         ref.activation_code(activation), config, allow_tf32, prologue[0],
+                         prologue[1], ref.activation_code(prologue[2]))
 
 
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
 
 
-def _scaled(fn, input_scale):
-    """A backend without a load-stage scale: x · s first, as its own pass (inside the timed
+def _with_prologue(fn, prologue):
+    """A backend without a load stage: the prologue first, as its own pass (inside the timed
     call, so the autotuner compares like with like)."""
-    if input_scale is None:
+    if prologue[0] is None and prologue[1] is None:
         return fn
 
     def run(x, *rest):
-        return fn(ref.scale_channels(x, input_scale), *rest)
+        return fn(ref.prologue(x, *prologue), *rest)
     return run
 
 
-def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
+def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, prologue,
          dest):
     backend = requested_backend()
     depthwise = is_depthwise(x, weight, groups)
@@ -254,7 +276,7 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         if not depthwise:  # depthwise weights keep their (possibly tap-major) layout
             weight = weight.contiguous(memory_format=torch.channels_last)
     args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
-    triton_args = args + (input_scale,)
+    triton_args = args + (prologue,)
 
     if x.device.type != "cuda":
         if backend == "triton":
@@ -269,16 +291,16 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
             # The CPU build of the CUDA C++ kernels: the same code paths the GPU runs.
             ran("conv2d", ("CUDA C++ depthwise" if depthwise else "PyTorch conv + bias_act")
                 + " (CPU build)")
-            return _scaled(_depthwise if depthwise else _library_conv, input_scale)(*args)
+            return _with_prologue(_depthwise if depthwise else _library_conv, prologue)(*args)
         ran("conv2d", "reference")
-        return _scaled(_reference, input_scale)(*args)
+        return _with_prologue(_reference, prologue)(*args)
     if backend == "reference":
         ran("conv2d", "reference")
-        return _scaled(_reference, input_scale)(*args)
+        return _with_prologue(_reference, prologue)(*args)
 
     candidates = {}
     if depthwise and backend in ("auto", "cuda"):
-        candidates["depthwise"] = functools.partial(_scaled(_depthwise, input_scale), *args)
+        candidates["depthwise"] = functools.partial(_with_prologue(_depthwise, prologue), *args)
         default = "depthwise"
     elif backend in ("auto", "triton"):
         from ..kernels import conv2d as kernel
@@ -291,15 +313,17 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         default = "cudnn"
     if backend in ("auto", "cuda"):
         if has_cudnn_frontend():
-            candidates["cudnn_fused"] = functools.partial(_scaled(_cudnn_fused, input_scale),
+            candidates["cudnn_fused"] = functools.partial(_with_prologue(_cudnn_fused, prologue),
                                                           *args)
-        candidates["cudnn"] = functools.partial(_scaled(_library_conv, input_scale), *args)
+        candidates["cudnn"] = functools.partial(_with_prologue(_library_conv, prologue), *args)
         if backend == "cuda" and not depthwise:
             default = "cudnn"
-    key = _key(*args) + f" scale={input_scale is not None}"
+    input_scale, input_affine, input_activation = prologue
+    key = _key(*args) + (f" scale={input_scale is not None} "
+                         f"affine={input_activation if input_affine is not None else None}")
     name = _tuner.pick(key, candidates,
                        reference=lambda: ref.conv2d(x, weight, bias, stride, padding, dilation,
-                                                    groups, activation, residual, input_scale),
+                                                    groups, activation, residual, *prologue),
                        tolerance=_TOLERANCE[x.dtype], default=default)
     ran("conv2d", backend_label(name))
     if name.startswith("triton_"):

@@ -1,9 +1,9 @@
 """fp32 references: the specification of every op and its CPU implementation."""
 from .activation import ACTIVATIONS, activation_code, apply_activation
 from .bias_act import bias_act
-from .conv2d import conv2d, scale_channels
+from .conv2d import affine_act, conv2d, prologue, scale_channels
 from .depthwise_conv2d import depthwise_conv2d
 from .se_gate import se_gate
 
-__all__ = ["ACTIVATIONS", "activation_code", "apply_activation", "bias_act", "conv2d",
-           "depthwise_conv2d", "scale_channels", "se_gate"]
+__all__ = ["ACTIVATIONS", "activation_code", "affine_act", "apply_activation", "bias_act",
+           "conv2d", "depthwise_conv2d", "prologue", "scale_channels", "se_gate"]

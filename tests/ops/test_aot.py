@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grouped, input scale)
-    ("CONFIGS[0]", "float16", (3, 3), False, False),
-    ("CONFIGS[3]", "bfloat16", (1, 1), False, True),
-    ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, False),
-    ("CONFIGS[5]", "float32", (7, 7), False, False),
-    ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, False),
-    ("GROUPED_CONFIGS[2]", "bfloat16", (3, 3), True, False),
+CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grouped, prologue)
+    ("CONFIGS[0]", "float16", (3, 3), False, ""),
+    ("CONFIGS[3]", "bfloat16", (1, 1), False, "scale"),
+    ("CONFIGS[4]", "float16", (1, 1), False, "affine"),
+    ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, ""),
+    ("CONFIGS[5]", "float32", (7, 7), False, ""),
+    ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, ""),
+    ("GROUPED_CONFIGS[2]", "bfloat16", (3, 3), True, ""),
 ]
 
 SCRIPT = """
@@ -23,7 +24,7 @@ import sys, torch
 from cnnfuse.kernels.conv2d import CONFIGS, GROUPED_CONFIGS, Conv2dConfig, compile_ahead
 config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
 compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True",
-                         has_scale=sys.argv[6] == "True")
+                         has_scale=sys.argv[6] == "scale", has_affine=sys.argv[6] == "affine")
 open(out + ".ptx", "w").write(compiled.asm["ptx"])
 open(out + ".cubin", "wb").write(compiled.asm["cubin"])
 """
@@ -34,15 +35,15 @@ def _cuobjdump():
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-@pytest.mark.parametrize("config, dtype, kernel, grouped, scale", CASES,
-                         ids=[f"{c}-{d}-{k[0]}x{k[1]}{'-grouped' * g}{'-scale' * s}"
-                              for c, d, k, g, s in CASES])
-def test_conv2d_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, grouped, scale,
+@pytest.mark.parametrize("config, dtype, kernel, grouped, prologue", CASES,
+                         ids=[f"{c}-{d}-{k[0]}x{k[1]}{'-grouped' * g}{'-' * bool(p)}{p}"
+                              for c, d, k, g, p in CASES])
+def test_conv2d_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, grouped, prologue,
                                                     tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "conv2d"
     subprocess.run([sys.executable, "-c", SCRIPT, config, dtype, repr(kernel), str(out),
-                    str(grouped), str(scale)],
+                    str(grouped), prologue],
                    env=env, check=True, capture_output=True, text=True)
     ptx = Path(f"{out}.ptx").read_text()
     assert ".target sm_90a" in ptx

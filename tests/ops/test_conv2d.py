@@ -225,14 +225,45 @@ def scale_check(case, dtype, device):
                               ref64)
 
 
+@pytest.mark.parametrize("mode", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[10], CASES[-1]],
+                         ids=[str(c) for c in (CASES[0], CASES[2], CASES[10], CASES[-1])])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("input_activation", ["relu", "none", "silu"])
+def test_input_affine(mode, case, dtype, input_activation, backend):
+    """A pre-activation BatchNorm + activation applied as x loads; padded taps stay zero
+    (the shift would make them nonzero if the prologue ran on the padding)."""
+    if mode == "triton" and not triton_runnable():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    backend(mode)
+    affine_check(case, dtype, input_activation, "cpu")
+
+
+def affine_check(case, dtype, input_activation, device):
+    x, w, b, r = (t.to(device) for t in make(case, dtype, residual=True))
+    g = torch.Generator().manual_seed(3)
+    affine = torch.stack([torch.rand(case.c, generator=g) + 0.5,
+                          torch.rand(case.c, generator=g) + 0.25]).to(device)
+    ours = run(case, x, w, b, r, "relu", input_affine=affine, input_activation=input_activation)
+
+    def pre(t, dt):  # BatchNorm then activation, rounded as eager rounds them
+        y = (t.to(dt) * affine[0].to(dt).view(1, -1, 1, 1) + affine[1].to(dt).view(1, -1, 1, 1))
+        return apply_activation(y, input_activation).to(t.dtype if dt != torch.float64 else dt)
+    ref64 = torch_conv(case, pre(x.cpu(), torch.float64), w.cpu(), b.cpu(), r.cpu(), "relu",
+                       torch.float64)
+    same = torch_conv(case, pre(x, torch.float32), w, b, r, "relu", dtype)
+    assert_within_torch_error(ours.cpu(), same.cpu(), ref64)
+
+
 # ------------------------------------------------------------------ op contract
 
 def test_opcheck():
     case = CASES[10]
     x, w, b, r = make(case, torch.float32, residual=True)
     scale = torch.rand(case.n, case.c)
+    affine = torch.rand(2, case.c)
     args = (x, w, b, list(case.stride), list(case.padding), list(case.dilation), 1, "relu", r,
-            scale)
+            scale, affine, "relu")
     torch.library.opcheck(torch.ops.cnnfuse.conv2d.default, args)
     oh, ow = out_hw(case)
     out = torch.zeros(case.n, case.k + 2, oh, ow).to(memory_format=torch.channels_last)
@@ -279,6 +310,11 @@ def test_padding_forms():
     (dict(x=torch.randn(2, 5, 2, 2), padding=0), ValueError, "too small"),
     (dict(input_scale=torch.rand(2, 4)), ValueError, "input_scale has shape"),
     (dict(input_scale=torch.rand(2, 5).half()), TypeError, "input_scale has dtype"),
+    (dict(input_affine=torch.rand(5, 2)), ValueError, "input_affine has shape"),
+    (dict(input_affine=torch.rand(2, 5).half()), TypeError, "input_affine has dtype"),
+    (dict(input_activation="relu"), ValueError, "input_activation needs input_affine"),
+    (dict(input_affine=torch.rand(2, 5), input_activation="tanh"), ValueError,
+     "activation='tanh'"),
 ])
 def test_bad_input(bad, error, match):
     kw = dict(x=torch.randn(2, 5, 9, 11), weight=torch.randn(7, 5, 3, 3), bias=None,
@@ -321,6 +357,16 @@ def test_cuda_against_cudnn(case, dtype, mode, backend):
 def test_cuda_input_scale(mode, case, dtype, backend):
     backend(mode)
     scale_check(case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[10], CASES[-1]],
+                         ids=[str(c) for c in (CASES[0], CASES[10], CASES[-1])])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_input_affine(mode, case, dtype, backend):
+    backend(mode)
+    affine_check(case, dtype, "relu", "cuda")
 
 
 @pytest.mark.cuda
