@@ -20,7 +20,7 @@ from .concat import (cat_parts, channel_shuffle_after, concat_buffer, concat_res
                      erase_unused, growing_buffer, ready)
 from .fused_conv import FusedConv2d
 from .patterns import (activation_of_module, activation_of_node, global_pool_input,
-                       identity_at_inference, inference_passthrough, mul_operands,
+                       identity_at_inference, inference_passthrough, may_mutate, mul_operands,
                        residual_operands)
 from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
@@ -404,7 +404,8 @@ class _GraphFuser:
     def _fuse_concat(self, cat) -> None:
         groups, chain = channel_shuffle_after(cat) or (1, [])
         parts, inner = self._flat_parts(cat)
-        writers = [p for p in parts if self._writes_concat_slice(p, parts)]
+        writers = [p for p in parts if self._writes_concat_slice(p, parts)
+                   and not self._mutation_between(p, cat)]  # a writer moves down to the cat
         if not writers:
             return
         # Writers run once the buffer exists: next to the cat, which alone reads them.
@@ -430,6 +431,7 @@ class _GraphFuser:
             result = self.graph.call_function(concat_result,
                                               (buffer, interleaved, groups, tuple(written)))
         (chain[-1] if chain else cat).replace_all_uses_with(result)
+        self._reshape_not_view(result)
         for node in reversed(chain):
             self.graph.erase_node(node)
         cat.replace_all_uses_with(result)  # shape queries read the result just as well
@@ -451,9 +453,13 @@ class _GraphFuser:
             cats.sort(key=lambda c: len(c[1]))
             longest = cats[-1][1]
             members = {c for c, _ in cats}
+            # Every concatenation becomes a view of one buffer, and `first` is copied in once:
+            # nothing may write into either afterwards.
+            readers = [u for c in members for u in c.users] + list(first.users)
             if (len(cats) < 3 or len(set(longest)) != len(longest)
                     or any(parts != longest[:len(parts)] for _, parts in cats)
-                    or not all(self._writes_growing_slice(p, members) for p in longest[1:])):
+                    or not all(self._writes_growing_slice(p, members) for p in longest[1:])
+                    or any(may_mutate(u, self.modules) for u in readers)):
                 continue
             with self.graph.inserting_before(first.next):
                 channels = tuple(self.modules[p.target].out_channels for p in longest[1:])
@@ -471,8 +477,9 @@ class _GraphFuser:
                 with self.graph.inserting_before(cat):
                     prefix = self.graph.call_function(operator.getitem,
                                                       (prefixes, len(parts) - 1))
-                    cat.replace_all_uses_with(self.graph.call_function(
-                        ready, (prefix, tuple(written[:len(parts)]))))
+                    view = self.graph.call_function(ready, (prefix, tuple(written[:len(parts)])))
+                cat.replace_all_uses_with(view)
+                self._reshape_not_view(view)
                 self.graph.erase_node(cat)
             self.report.add("conv writes its concat slice", len(longest) - 1)
             self.report.add("dense block in one buffer")
@@ -483,7 +490,18 @@ class _GraphFuser:
                 and all(u in members for u in part.users))
 
     def _merge_siblings(self) -> None:
-        for source, nodes in sibling_groups(self.graph, self.modules, self.calls):
+        done = set()
+        while True:  # again after each merge: a merged conv's slices may feed another group
+            groups = [(source, nodes) for source, nodes in
+                      sibling_groups(self.graph, self.modules, self.calls)
+                      if (source, nodes[0]) not in done]
+            if not groups:
+                return
+            source, nodes = groups[0]
+            done.add((source, nodes[0]))
+            # The merged conv runs where the first sibling did: nothing in between may write.
+            if self._mutation_between(nodes[0], nodes[-1]):
+                continue
             convs = [self.modules[n.target] for n in nodes]
             # On the root: a container (Sequential) with an extra child would run it if called.
             name = nodes[0].target.replace(".", "_") + "_merged"
@@ -496,8 +514,27 @@ class _GraphFuser:
                     part = self.graph.call_method("narrow", (whole, 1, start, conv.out_channels))
                 node.replace_all_uses_with(part)
                 self.graph.erase_node(node)
+                self._reshape_not_view(part)
                 start += conv.out_channels
             self.report.add("sibling convs merged", len(nodes))
+
+    def _mutation_between(self, first, last) -> bool:
+        """Whether a node after `first` and up to `last` may write into a tensor."""
+        node = first.next
+        while node is not last and node.op != "root":
+            if may_mutate(node, self.modules):
+                return True
+            node = node.next
+        return False
+
+    @staticmethod
+    def _reshape_not_view(node) -> None:
+        """The passes hand out channels_last buffers and channel slices where eager code had
+        contiguous tensors; `.view` on them may fail where `.reshape` gives the same values."""
+        for user in list(node.users):
+            if (user.op == "call_method" and user.target == "view" and user.args[0] is node
+                    and not any(isinstance(a, torch.dtype) for a in user.args[1:])):
+                user.target = "reshape"
 
     def _flat_parts(self, cat) -> tuple:
         """The parts of `cat` with every concatenation read only by it spliced in, and those

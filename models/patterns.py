@@ -1,6 +1,7 @@
 """What the fusion passes recognise: activations in module, function and method form, and
 residual adds. Tables, not code per model: every family written with these ops is covered."""
 import functools
+import inspect
 import operator
 from typing import Optional
 
@@ -132,3 +133,40 @@ def mul_operands(node: fx.Node) -> Optional[tuple]:
         return None
     a, b = node.args
     return (a, b) if isinstance(a, fx.Node) and isinstance(b, fx.Node) else None
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.setitem)
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(fn) -> Optional[int]:
+    """The position of a function's `inplace` parameter, if it has one."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def may_mutate(node: fx.Node, modules: dict) -> bool:
+    """Whether a node may write into one of its inputs (an in-place op, an `out=`, a module
+    with inplace=True). Conservative: passes that move or share memory must not cross it."""
+    if node.op == "call_method":
+        return node.target.endswith("_") or "out" in node.kwargs
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return bool(getattr(m, "inplace", False)) or "out" in node.kwargs
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") or "out" in node.kwargs:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if getattr(node.target, "_cnnfuse_writes", False):
+        return True
+    position = _inplace_position(node.target) if callable(node.target) else None
+    return position is not None and len(node.args) > position and bool(node.args[position])

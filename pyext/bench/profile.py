@@ -49,7 +49,7 @@ class Op:
     what: str                       # what it computes, shapes included
     backend: str
     flops: float                    # per call
-    bytes: float                    # per call: each tensor argument read, each result written
+    bytes: float                    # per call: tensors read once, results and destinations written
     calls: int = 1
     ms_per_call: float = float("nan")
     modules: list = field(default_factory=list)
@@ -138,6 +138,9 @@ class _Recorder(TorchDispatchMode):
         mutated = [a for a, arg in zip(args, func._schema.arguments)
                    if arg.alias_info is not None and arg.alias_info.is_write
                    and isinstance(a, torch.Tensor)]
+        # A destination (`out`, copy_'s self) is written, not read.
+        write_only = [a for a, arg in zip(args, func._schema.arguments)
+                      if any(a is m for m in mutated) and (arg.name == "out" or name == "copy_")]
         if func.is_view or name in _NO_KERNEL or not (outs or mutated):
             return out
         flat, tree = tree_flatten((args, kwargs))
@@ -149,6 +152,7 @@ class _Recorder(TorchDispatchMode):
             op.modules.append(module)
             return out
         inputs = [t for t in flat if isinstance(t, torch.Tensor)]
+        read = [t for t in inputs if not any(t is w for w in write_only)]
         formula = flop_registry.get(func._overloadpacket)
         device = inputs[0].device.type if inputs else "cpu"
         if func.namespace == "cnnfuse":
@@ -158,8 +162,8 @@ class _Recorder(TorchDispatchMode):
             label = _library_backend(func, device)
         op = Op(name=module, what=_describe(func, args, out), backend=label,
                 flops=float(formula(*args, **kwargs, out_val=out)) if formula else 0.0,
-                bytes=float(_nbytes(inputs) + _nbytes(o for o in outs
-                                                      if not any(o is i for i in inputs))
+                bytes=float(_nbytes(read) + _nbytes(o for o in outs
+                                                    if not any(o is i for i in inputs))
                             + _nbytes(mutated)), modules=[module])
         self.ops[key] = (op, func, [_leaf_key(leaf) for leaf in flat], tree)
         return out

@@ -41,6 +41,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def _compile(module: nn.Module) -> Callable:
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True  # read when the first call compiles
+    # The module is this provider's own copy: without this, freezing keeps the eager
+    # parameters beside the frozen constants and the peak memory counts the weights twice.
+    if hasattr(inductor_config, "freezing_discard_parameters"):
+        inductor_config.freezing_discard_parameters = True
     return torch.compile(module)
 
 
@@ -97,9 +101,11 @@ class Prepared:
 @torch.no_grad()
 def prepare(provider: str, model: nn.Module, x: torch.Tensor,
             reference: torch.Tensor) -> Prepared:
-    """Build, warm up (compiles, autotunes), check the logits, measure peak memory, capture."""
+    """Build, warm up (compiles, autotunes), check the logits, measure peak memory, capture.
+    cuDNN picks its algorithms by timing too (cudnn.benchmark), as cnnfuse's autotuner does."""
     from .timing import graph_callable
     cuda = x.device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -108,8 +108,9 @@ def _from_benchmark(path, doc: dict, models: dict, layers: dict, machine: list) 
     machine.append({**(doc.get("machine_info") or {}), "date": doc.get("datetime")})
     for b in doc["benchmarks"]:
         name, extra, params = b.get("name", "?"), b.get("extra_info") or {}, b.get("params") or {}
-        try:
-            ms = float(b["stats"]["median"]) * 1e3
+        try:  # the CUDA-event median of the replays when recorded, else the wall-clock one
+            ms = float(extra["device_ms"]) if "device_ms" in extra else (
+                float(b["stats"]["median"]) * 1e3)
         except (KeyError, TypeError, ValueError):
             ms = math.nan
         if not 0 < ms < math.inf:
@@ -298,7 +299,8 @@ def _profiled_on(profile: dict) -> str:
 
 
 def roofline_name(profile: dict) -> str:
-    return f"roofline_{str(profile['model']).replace('/', '_')}_b{profile['batch']}.png"
+    return (f"roofline_{str(profile['model']).replace('/', '_')}_b{profile['batch']}"
+            f"_{profile.get('dtype', 'fp16')}.png")
 
 
 def render_markdown(loaded: Loaded, images: Optional[dict] = None, notes=()) -> str:

@@ -168,7 +168,7 @@ def test_header_and_stdout(inputs, tmp_path, capsys):
 
 def test_pngs(built):
     out, md = built
-    for name in ("speedup.png", "roofline_timm_inception_v4_b64.png"):
+    for name in ("speedup.png", "roofline_timm_inception_v4_b64_fp16.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
         assert f"]({name})" in md
@@ -215,3 +215,13 @@ def test_ceilings_named_on_other_gpus(inputs, tmp_path):
     md = report.render_markdown(report.load([other]))
     assert "profiled on NVIDIA A100: the ceilings drawn are H100's" in md
     assert "## Models" not in md  # a profile alone makes a roofline-only report
+
+
+def test_device_time_is_preferred_to_wall_clock(tmp_path):
+    """bench/ records the CUDA-event median as device_ms; the wall-clock median also counts
+    the launch and synchronisation."""
+    doc = {"machine_info": MACHINE, "datetime": "2026-01-01T00:00:00",
+           "benchmarks": [_bench("resnet50", "cudnn", 10.0, device_ms=8.0),
+                          _bench("resnet50", "cnnfuse", 5.0)]}
+    loaded = report.load([_write(tmp_path / "b.json", doc)])
+    assert {r.provider: r.ms for r in loaded.models} == {"cudnn": 8.0, "cnnfuse": 5.0}

@@ -189,3 +189,121 @@ def test_fused_shufflenet_compiles_in_one_graph():
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert torch.equal(compiled(x), fused(x))
+
+
+# --- hazards: each was once fused wrongly or not at all --------------------------------------
+
+def _cr(i, o, k=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2), nn.ReLU())
+
+
+class Nested3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.ModuleList(_cr(8, 2) for _ in range(4))
+
+    def forward(self, x):
+        a, b, c, d = (m(x) for m in self.c)
+        return torch.cat([a, torch.cat([b, torch.cat([c, d], 1)], 1)], 1)
+
+
+class SiblingFeedsSiblings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = _cr(8, 4), _cr(8, 4), _cr(4, 3, 3), _cr(4, 5, 3)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.c(a), self.d(a), self.b(x)
+
+
+class WriterInputChangedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cr(8, 3), _cr(8, 3)
+
+    def forward(self, x):
+        x = x * 1
+        a = self.a(x)  # reads x before the in-place relu below
+        return torch.cat([a, self.b(F.relu(x, inplace=True))], 1)
+
+
+class SiblingsAcrossInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cr(8, 4), _cr(8, 4)
+
+    def forward(self, x):
+        x = x * 1
+        a = self.a(x)
+        x.mul_(3)
+        return a, self.b(x)
+
+
+class DensePrefixChangedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.ModuleList(_cr(8 + 4 * i, 4) for i in range(3))
+
+    def forward(self, x):
+        f1 = self.f[0](torch.cat([x], 1))
+        f2 = self.f[1](torch.cat([x, f1], 1).sub_(1))
+        f3 = self.f[2](torch.cat([x, f1, f2], 1))
+        return torch.cat([x, f1, f2, f3], 1)
+
+
+class BatchSplitNotShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cr(8, 4), _cr(8, 4)
+
+    def forward(self, x):
+        c = torch.cat([self.a(x), self.b(x)], 1)
+        n, ch, h, w = c.shape
+        return c.view(1, 2, ch, h, w).transpose(1, 2).reshape(n, ch, h, w)
+
+
+class CatOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cr(8, 3), _cr(8, 3)
+
+    def forward(self, x):
+        buf = torch.zeros(2, 6, 6, 6)
+        torch.cat([self.a(x), self.b(x)], 1, out=buf)
+        return buf
+
+
+class ShuffleThenView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cr(8, 4), _cr(8, 4)
+
+    def forward(self, x):
+        c = torch.cat([self.a(x), self.b(x)], 1)
+        n, ch, h, w = c.size()
+        y = c.view(n, 2, ch // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return y.view(n, -1)
+
+
+class Promoting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _cr(8, 3), _cr(8, 3)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x).double()], 1)
+
+
+@pytest.mark.parametrize("model", [Nested3, SiblingFeedsSiblings, WriterInputChangedInPlace,
+                                   SiblingsAcrossInPlace, DensePrefixChangedInPlace,
+                                   BatchSplitNotShuffle, CatOut, ShuffleThenView, Promoting],
+                         ids=lambda m: m.__name__)
+def test_hazard(model):
+    m = model().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected, got = m(x.clone()), cnnfuse.fuse(m)(x.clone())
+    expected, got = (expected, got) if isinstance(expected, tuple) else ((expected,), (got,))
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and relative_error(g, e) < 2e-5
