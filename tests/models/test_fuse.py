@@ -270,7 +270,7 @@ def test_torch_compile_fullgraph_of_fused_models(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["resnet50", "googlenet", "inception_v3", "densenet121",
                                   "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_large",
-                                  "efficientnet_b0", "shufflenet_v2_x1_0"])
+                                  "efficientnet_b0", "shufflenet_v2_x1_0", "squeezenet1_1"])
 def test_fused_model_on_gpu(name, dtype):
     model = build("torchvision", name)
     size = 299 if name == "inception_v3" else 224
@@ -283,3 +283,19 @@ def test_fused_model_on_gpu(name, dtype):
     # within a few times of what PyTorch's own eager model loses in the same dtype
     torch_err = relative_error(eager.cpu(), expected)
     assert relative_error(got.cpu(), expected) <= 3 * torch_err + 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["googlenet", "shufflenet_v2_x1_0", "densenet121"])
+def test_triton_everywhere_on_gpu(name, backend):
+    """Every conv on the Triton kernel: slice and interleaved stores, slice inputs, the
+    pre-activation prologue and merged siblings, compiled for the GPU at hand."""
+    backend("triton")
+    model = build("torchvision", name)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x).double()
+        got = cnnfuse.fuse(model, dtype=torch.float16).cuda()(
+            x.cuda().half().contiguous(memory_format=torch.channels_last))
+        eager = model.cuda().half()(x.cuda().half())
+    assert relative_error(got.cpu(), expected) <= 3 * relative_error(eager.cpu(), expected) + 1e-3
