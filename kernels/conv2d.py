@@ -97,8 +97,9 @@ def default_config(m: int, k: int, c: int, groups: int = 1) -> Conv2dConfig:
 
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr,
-    N, C, H, W, K, OH, OW,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr, dw_ptr, dwb_ptr,
+    N, C, H, W, K, OH, OW, XH, XW,
+    sdc, sdr, sds, dw_sh, dw_sw, dw_pt, dw_pl, dw_dh, dw_dw,
     sxn, sxc, sxh, sxw, ssn, ssc, sar, sac,
     swk, swc, swr, sws,
     srn, src, srh, srw,
@@ -106,6 +107,8 @@ def _conv2d_kernel(
     stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, CG, KG,
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
+    DW: tl.constexpr, RD: tl.constexpr, SD: tl.constexpr, DW_BIAS: tl.constexpr,
+    DW_ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -158,7 +161,27 @@ def _conv2d_kernel(
                 cs = c0 + offs_k
                 c_ok = cs < c_hi
                 a_ok = ok[:, None] & c_ok[None, :]
-                a = tl.load(x_rows + cs[None, :] * sxc, mask=a_ok, other=0.0)
+                if DW:  # x is the input of a depthwise conv whose output this 1x1 conv reads:
+                    # compute that output's tile here, so it never goes to memory
+                    d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                    for rd in range(RD):
+                        ihd = oh * dw_sh - dw_pt + rd * dw_dh
+                        for sd in range(SD):
+                            iwd = ow * dw_sw - dw_pl + sd * dw_dw
+                            okd = mask_m & (ihd >= 0) & (ihd < XH) & (iwd >= 0) & (iwd < XW)
+                            xd = tl.load(x_ptr + (n * sxn + ihd.to(tl.int64) * sxh
+                                                  + iwd.to(tl.int64) * sxw)[:, None]
+                                         + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
+                                         other=0.0)
+                            wd = tl.load(dw_ptr + cs * sdc + rd * sdr + sd * sds, mask=c_ok,
+                                         other=0.0)
+                            d += xd.to(tl.float32) * wd.to(tl.float32)[None, :]
+                    if DW_BIAS:
+                        d += tl.load(dwb_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                    d = apply_activation(d, DW_ACT)
+                    a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
+                else:
+                    a = tl.load(x_rows + cs[None, :] * sxc, mask=a_ok, other=0.0)
                 if HAS_AFFINE:  # pre-activation BatchNorm + activation, as the tile loads
                     sc = tl.load(affine_ptr + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
                     sh = tl.load(affine_ptr + sar + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
@@ -193,6 +216,28 @@ def _conv2d_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _launch(x: torch.Tensor, y: torch.Tensor, K: int, config: Conv2dConfig, allow_tf32: bool,
+            build) -> torch.Tensor:
+    """Run the kernel into y; build(y, precision, dot_fp32) gives (args, constexprs)."""
+    N, _, OH, OW = y.shape
+    precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
+    # products are exact in fp32, so an fp32 dot and an fp32 store rounded by torch give
+    # what the GPU computes.
+    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    dest = y
+    if dot_fp32:
+        precision = "ieee"
+        y = torch.empty(y.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    args, constexprs = build(y, precision, dot_fp32)
+    grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
+    _conv2d_kernel[grid](
+        *args, **constexprs, PRECISION=precision, DOT_FP32=dot_fp32,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
+    return dest.copy_(y) if dot_fp32 else y
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
            stride, padding, dilation, act_code: int, config: Conv2dConfig,
            allow_tf32: bool = True, input_scale=None, input_affine=None,
@@ -204,50 +249,67 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
     N, C, H, W = x.shape
     K, CG, R, S = weight.shape
     groups = C // CG
-    _, _, OH, OW = y.shape
-    precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
-    # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
-    # products are exact in fp32, so an fp32 dot and an fp32 store rounded by torch give
-    # what the GPU computes.
-    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    if dot_fp32:
-        precision = "ieee"
-        dest, y = y, torch.empty(y.shape, dtype=torch.float32).contiguous(
-            memory_format=torch.channels_last)
-    res = residual if residual is not None else y
-    grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
-    scale = input_scale if input_scale is not None else y
-    affine = input_affine if input_affine is not None else y
-    _conv2d_kernel[grid](
-        x, weight, bias if bias is not None else y, res, y, scale, affine,
-        N, C, H, W, K, OH, OW,
-        *x.stride(), scale.stride(0), scale.stride(1), affine.stride(0), affine.stride(1),
-        *weight.stride(), *res.stride(),
-        *y.stride(),
-        stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1], CG, K // groups,
-        R=R, S=S, GROUPED=groups > 1, HAS_SCALE=input_scale is not None,
-        HAS_AFFINE=input_affine is not None, IN_ACT=input_act_code,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code,
-        PRECISION=precision, DOT_FP32=dot_fp32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if dot_fp32:
-        return dest.copy_(y)
-    return y
+
+    def build(y, precision, dot_fp32):
+        res = residual if residual is not None else y
+        scale = input_scale if input_scale is not None else y
+        affine = input_affine if input_affine is not None else y
+        args = (x, weight, bias if bias is not None else y, res, y, scale, affine, y, y,
+                N, C, H, W, K, y.shape[2], y.shape[3], H, W, 0, 0, 0, 1, 1, 0, 0, 1, 1,
+                *x.stride(), scale.stride(0), scale.stride(1), affine.stride(0),
+                affine.stride(1), *weight.stride(), *res.stride(), *y.stride(),
+                stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1], CG,
+                K // groups)
+        return args, dict(R=R, S=S, GROUPED=groups > 1, HAS_SCALE=input_scale is not None,
+                          HAS_AFFINE=input_affine is not None, IN_ACT=input_act_code,
+                          DW=False, RD=1, SD=1, DW_BIAS=False, DW_ACT=0,
+                          HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
+    return _launch(x, y, K, config, allow_tf32, build)
+
+
+def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_stride, dw_padding,
+                     dw_dilation, dw_act_code: int, weight: torch.Tensor, bias, residual,
+                     y: torch.Tensor, act_code: int, config: Conv2dConfig,
+                     allow_tf32: bool = True) -> torch.Tensor:
+    """A depthwise conv (C channels, any kernel, stride, padding, dilation) and the 1x1 conv
+    that reads it, as one kernel: the depthwise output is computed tile by tile as the 1x1's
+    input loads and never goes to memory. dw_weight is (C, 1, KH, KW) in any layout."""
+    N, C, XH, XW = x.shape
+    K = weight.shape[0]
+    OH, OW = y.shape[2:]
+
+    def build(y, precision, dot_fp32):
+        res = residual if residual is not None else y
+        args = (x, weight, bias if bias is not None else y, res, y, y, y, dw_weight,
+                dw_bias if dw_bias is not None else y,
+                N, C, OH, OW, K, OH, OW, XH, XW,
+                dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
+                dw_stride[0], dw_stride[1], dw_padding[2], dw_padding[0], dw_dilation[0],
+                dw_dilation[1],
+                *x.stride(), 0, 0, 0, 0, *weight.stride(), *res.stride(), *y.stride(),
+                1, 1, 0, 0, 1, 1, C, K)
+        return args, dict(R=1, S=1, GROUPED=False, HAS_SCALE=False, HAS_AFFINE=False, IN_ACT=0,
+                          DW=True, RD=dw_weight.shape[2], SD=dw_weight.shape[3],
+                          DW_BIAS=dw_bias is not None, DW_ACT=dw_act_code,
+                          HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
+    return _launch(x, y, K, config, allow_tf32, build)
 
 
 def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
                   has_residual: bool = True, grouped: bool = False, has_scale: bool = False,
-                  has_affine: bool = False, capability: int = 90):
+                  has_affine: bool = False, depthwise=None, capability: int = 90):
     """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
     constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_SCALE=has_scale,
                       HAS_AFFINE=has_affine, IN_ACT=1 if has_affine else 0,
+                      DW=depthwise is not None, RD=(depthwise or (1, 1))[0],
+                      SD=(depthwise or (1, 1))[1], DW_BIAS=depthwise is not None,
+                      DW_ACT=2 if depthwise is not None else 0,
                       HAS_BIAS=True, HAS_RES=has_residual,
                       ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, GROUP_M=config.group_m)
     pointers = dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "scale_ptr"), dtype)
     pointers["affine_ptr"] = torch.float32
+    pointers.update(dw_ptr=dtype, dwb_ptr=dtype)
     return compile_for(_conv2d_kernel, constexprs, pointers, config.num_warps, config.num_stages,
                        capability)

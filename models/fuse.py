@@ -24,6 +24,7 @@ from .patterns import (activation_of_module, activation_of_node, global_pool_inp
                        residual_operands)
 from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
+from .separable import FusedSeparableConv2d, can_pair
 from .siblings import merged, sibling_groups
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -219,6 +220,9 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if mul_operands(node):
                 self._fuse_squeeze_excite(node)
+        for node in list(self.graph.nodes):
+            if isinstance(self._module(node), FusedConv2d):
+                self._fuse_separable(node)
         self._fuse_growing_concats()
         # Outer concatenations first, so one nested in another (Inception-v3's last blocks)
         # is spliced into it and its convs write into the outer buffer.
@@ -326,6 +330,22 @@ class _GraphFuser:
         for node in erased:
             self.graph.erase_node(node)
         self.report.add("batchnorm + act in conv's load")
+
+    def _fuse_separable(self, dw_node) -> None:
+        """Depthwise conv → 1x1 conv that alone reads it: one FusedSeparableConv2d in the 1x1
+        conv's place (MobileNetV2's and MnasNet's blocks, Xception's separable convs)."""
+        pw_node = self._sole_user(dw_node)
+        dw, pw = self._module(dw_node), self._module(pw_node) if pw_node is not None else None
+        if not (isinstance(pw, FusedConv2d) and can_pair(dw, pw) and len(dw_node.args) == 1
+                and not dw_node.kwargs and not pw_node.kwargs
+                and dw_node not in pw_node.args[1:]
+                and self.calls.get(dw_node.target, 1) == 1
+                and self.calls.get(pw_node.target, 1) == 1):
+            return
+        self._replace_module(pw_node.target, FusedSeparableConv2d(dw, pw))
+        pw_node.args = (dw_node.args[0],) + tuple(pw_node.args[1:])
+        self.graph.erase_node(dw_node)
+        self.report.add("depthwise + 1x1 in one op")
 
     def _fuse_residual(self, add) -> None:
         a, b = residual_operands(add)
@@ -551,6 +571,7 @@ class _GraphFuser:
         return parts, inner
 
     def _writes_concat_slice(self, part, parts) -> bool:
-        return (isinstance(self._module(part), FusedConv2d) and len(part.users) == 1
+        return (isinstance(self._module(part), (FusedConv2d, FusedSeparableConv2d))
+                and len(part.users) == 1
                 and parts.count(part) == 1 and self.calls.get(part.target, 1) == 1
                 and "out" not in part.kwargs)

@@ -95,6 +95,12 @@ def _describe(func, args, out) -> str:
             step = rest[6].stride(1)
             text += " →slice" if step == 1 else f" →slice, channel step {step}"
         return text
+    if func.namespace == "cnnfuse" and name.startswith("separable_conv2d"):
+        x, dw, _, stride, _, _, dw_act, w, _, act = args[:10]
+        text = (f"dw {dw.shape[2]}x{dw.shape[3]}/{stride[0]} {dw_act} + 1x1 "
+                f"{x.shape[1]}→{w.shape[0]} @{x.shape[2]}x{x.shape[3]} {act}")
+        text += " +res" if args[10] is not None else ""
+        return text + (" →slice" if name.endswith("_into") else "")
     if func.namespace == "cnnfuse" and name == "se_gate":
         return f"se gate {args[0].shape[1]}→{args[1].shape[0]}→{args[0].shape[1]}"
     shapes = sorted((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)),

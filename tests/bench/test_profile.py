@@ -49,8 +49,10 @@ def test_profile_sorts_by_total_time_and_names_the_backend(backend):
     ops, total = profile.profile(fused, x, iters=10)
     times = [op.ms for op in ops]
     assert times == sorted(times, reverse=True) and all(t > 0 for t in times) and total > 0
-    labels = {op.backend for op in ops if op.what.startswith("dwconv")}
-    assert labels == {"CUDA C++ depthwise (CPU build)"}
+    labels = {op.backend for op in ops if op.what.startswith("dw ")}  # depthwise + 1x1
+    assert labels == {"two ops (CPU build)"}
+    labels = {op.backend for op in ops if op.what.startswith("conv 1x1")}
+    assert labels == {"PyTorch conv + bias_act (CPU build)"}
     assert any(op.backend == "PyTorch (CPU)" and op.what.startswith("addmm") for op in ops)
     assert all(op.floor_ms > 0 for op in ops)
 

@@ -8,22 +8,25 @@ import cnnfuse
 from ..util import randomize_batchnorm, relative_error
 from .harness import FP32_TOLERANCE, build, check_model
 
-# (source, model, residual adds, activation counts)
+# (source, model, residual adds, activation counts, depthwise + 1x1 pairs: every block whose
+# depthwise output goes straight to the project conv, i.e. all but those with an SE gate)
 MODELS = [
-    ("torchvision", "mobilenet_v2", 10, {"relu6": 35}),
-    ("torchvision", "mobilenet_v3_small", 6, {"hardswish": 18, "relu": 14, "hardsigmoid": 9}),
-    ("torchvision", "mobilenet_v3_large", 10, {"hardswish": 20, "relu": 19, "hardsigmoid": 8}),
-    ("torchvision", "mnasnet1_0", 10, {"relu": 35}),
-    ("timm", "mobilenetv2_100", 10, {"relu6": 35}),
+    ("torchvision", "mobilenet_v2", 10, {"relu6": 35}, 17),
+    ("torchvision", "mobilenet_v3_small", 6, {"hardswish": 18, "relu": 14, "hardsigmoid": 9}, 2),
+    ("torchvision", "mobilenet_v3_large", 10, {"hardswish": 20, "relu": 19, "hardsigmoid": 8},
+     7),
+    ("torchvision", "mnasnet1_0", 10, {"relu": 35}, 17),
+    ("timm", "mobilenetv2_100", 10, {"relu6": 35}, 17),
 ]
 
 
-@pytest.mark.parametrize("source, name, adds, acts", MODELS,
-                         ids=[f"{s}-{n}" for s, n, _, _ in MODELS])
-def test_fuse(source, name, adds, acts):
+@pytest.mark.parametrize("source, name, adds, acts, separable", MODELS,
+                         ids=[f"{m[0]}-{m[1]}" for m in MODELS])
+def test_fuse(source, name, adds, acts, separable):
     report = check_model(build(source, name), size=64)
     assert report.coverage == 1.0, str(report)
     assert report.fused["residual add"] == adds
+    assert report.fused["depthwise + 1x1 in one op"] == separable
     for act, count in acts.items():
         assert report.fused[f"activation {act}"] == count, str(report)
     se = acts.get("hardsigmoid", 0)  # v3's SE gates

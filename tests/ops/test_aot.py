@@ -13,6 +13,7 @@ CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grou
     ("CONFIGS[0]", "float16", (3, 3), False, ""),
     ("CONFIGS[3]", "bfloat16", (1, 1), False, "scale"),
     ("CONFIGS[4]", "float16", (1, 1), False, "affine"),
+    ("CONFIGS[4]", "float16", (1, 1), False, "depthwise"),
     ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, ""),
     ("CONFIGS[5]", "float32", (7, 7), False, ""),
     ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, ""),
@@ -24,7 +25,8 @@ import sys, torch
 from cnnfuse.kernels.conv2d import CONFIGS, GROUPED_CONFIGS, Conv2dConfig, compile_ahead
 config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
 compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True",
-                         has_scale=sys.argv[6] == "scale", has_affine=sys.argv[6] == "affine")
+                         has_scale=sys.argv[6] == "scale", has_affine=sys.argv[6] == "affine",
+                         depthwise=(3, 3) if sys.argv[6] == "depthwise" else None)
 open(out + ".ptx", "w").write(compiled.asm["ptx"])
 open(out + ".cubin", "wb").write(compiled.asm["cubin"])
 """
