@@ -214,12 +214,14 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if residual_operands(node):
                 self._fuse_residual(node)
-        for node in list(self.graph.nodes):
-            if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
-                self._fuse_input_bn(node)
+        # SE before the BatchNorm prologue: the gate multiplies the conv's raw input, which a
+        # BatchNorm prologue would otherwise be applied to first.
         for node in list(self.graph.nodes):
             if mul_operands(node):
                 self._fuse_squeeze_excite(node)
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and isinstance(self.modules[node.target], nn.BatchNorm2d):
+                self._fuse_input_bn(node)
         for node in list(self.graph.nodes):
             if isinstance(self._module(node), FusedConv2d):
                 self._fuse_separable(node)
@@ -325,6 +327,13 @@ class _GraphFuser:
                 and self.calls.get(user.target, 1) == 1 and conv.input_affine is None
                 and not conv.has_input_scale and conv.in_channels == bn.num_features):
             return
+        # The conv now reads the BatchNorm's input where it ran: nothing in between may write
+        # (the absorbed activation itself may be in place: it goes away).
+        node = bn_node.next
+        while node is not user:
+            if node not in erased and may_mutate(node, self.modules):
+                return
+            node = node.next
         conv.absorb_input_bn(bn, act)
         user.args = (bn_node.args[0],) + tuple(user.args[1:])
         for node in erased:
@@ -340,7 +349,8 @@ class _GraphFuser:
                 and not dw_node.kwargs and not pw_node.kwargs
                 and dw_node not in pw_node.args[1:]
                 and self.calls.get(dw_node.target, 1) == 1
-                and self.calls.get(pw_node.target, 1) == 1):
+                and self.calls.get(pw_node.target, 1) == 1
+                and not self._mutation_between(dw_node, pw_node)):  # x is now read there
             return
         self._replace_module(pw_node.target, FusedSeparableConv2d(dw, pw))
         pw_node.args = (dw_node.args[0],) + tuple(pw_node.args[1:])
@@ -391,6 +401,7 @@ class _GraphFuser:
         with self.graph.inserting_before(mul):
             gate_node = self.graph.call_module(se_name, (x,))
             if (isinstance(conv, FusedConv2d) and conv.groups == 1 and not conv.has_input_scale
+                    and conv.input_affine is None
                     and self.calls.get(consumer.target, 1) == 1):
                 consumer.args = (x,) + tuple(consumer.args[1:])
                 consumer.kwargs = {**consumer.kwargs, "input_scale": gate_node}

@@ -62,6 +62,16 @@ class FusedConv2d(nn.Module):
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_channels), requires_grad=False) if bias else None
 
+    def _apply(self, fn, *args, **kwargs):
+        # The prologue's scale and shift stay float32 whatever dtype the model is cast to: the
+        # shift cancels against x · scale, and fp16 would lose what eager BatchNorm keeps.
+        affine = self.input_affine
+        result = super()._apply(fn, *args, **kwargs)
+        if affine is not None:
+            moved = self._buffers["input_affine"]
+            self._buffers["input_affine"] = affine.to(device=moved.device, dtype=torch.float32)
+        return result
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "FusedConv2d":
         """A copy of `conv` (zeros padding) with the weight in channels_last."""

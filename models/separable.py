@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .fused_conv import FusedConv2d
+from ..ref import apply_activation
+from .fused_conv import FusedConv2d, _fits
 
 
 def can_pair(dw: FusedConv2d, pw: FusedConv2d) -> bool:
@@ -47,6 +48,13 @@ class FusedSeparableConv2d(nn.Module):
             raise ValueError(f"FusedSeparableConv2d was built with has_residual="
                              f"{pw.has_residual} but forward got residual="
                              f"{'a tensor' if residual is not None else 'None'}")
+        if residual is not None and not _fits(residual, x, self):
+            # A broadcast or mixed-dtype add: exact, just not fused.
+            y = ops.separable_conv2d(x, dw.weight, dw.bias, pw.weight, pw.bias, dw.stride,
+                                     list(dw.padding), dw.dilation,
+                                     dw_activation=dw.activation)
+            y = apply_activation(y + residual, pw.activation)
+            return y if out is None else out.copy_(y)
         return ops.separable_conv2d(x, dw.weight, dw.bias, pw.weight, pw.bias, dw.stride,
                                     list(dw.padding), dw.dilation, dw_activation=dw.activation,
                                     activation=pw.activation, residual=residual, out=out)

@@ -53,4 +53,4 @@ def is_gate_conv(m) -> bool:
     """A 1x1 FC layer of an SE block, as `fuse` leaves it after folding its activation."""
     return (isinstance(m, FusedConv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
             and not any(m.padding) and m.groups == 1 and not m.has_residual
-            and not m.has_input_scale)
+            and not m.has_input_scale and m.input_affine is None)

@@ -307,3 +307,39 @@ def test_hazard(model):
     expected, got = (expected, got) if isinstance(expected, tuple) else ((expected,), (got,))
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype and relative_error(g, e) < 2e-5
+
+
+class SeparableBroadcastAdd(nn.Module):
+    """A depthwise → 1x1 pair whose output gets a broadcast add: added outside the kernel."""
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 6, 1)
+        self.off = nn.Parameter(torch.randn(1, 6, 1, 1))
+
+    def forward(self, x):
+        return self.pw(self.dw(x)) + self.off
+
+
+class SeparableInputChangedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = x * 1.0
+        y = self.dw(x)
+        x.mul_(2.0)
+        return self.pw(y) + x
+
+
+@pytest.mark.parametrize("model", [SeparableBroadcastAdd, SeparableInputChangedInPlace],
+                         ids=lambda m: m.__name__)
+def test_separable_hazard(model):
+    test_hazard(model)
+
+
+def test_separable_takes_the_broadcast_add_outside():
+    from cnnfuse.models.separable import FusedSeparableConv2d
+    fused = cnnfuse.fuse(SeparableBroadcastAdd().eval())
+    pair = [m for m in fused.modules() if isinstance(m, FusedSeparableConv2d)]
+    assert len(pair) == 1 and pair[0].has_residual

@@ -61,3 +61,53 @@ def test_pre_activation_state_dict_round_trips():
     x = torch.randn(1, 6, 5, 5)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(other(x), fused(x)))
+
+
+# --- hazards: each was once fused wrongly ------------------------------------------------------
+
+class GateThenPreAct(nn.Module):
+    """conv(relu(bn(x · g))): the SE gate comes before the BatchNorm."""
+    def __init__(self, c=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+        self.bn, self.conv = nn.BatchNorm2d(c), nn.Conv2d(c, 6, 3, padding=1)
+
+    def forward(self, x):
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.conv(torch.relu(self.bn(x * g)))
+
+
+class InputChangedInPlace(nn.Module):
+    """The conv must read x as the BatchNorm saw it, before the in-place multiply."""
+    def __init__(self, c=8):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = x * 1.0
+        y = torch.relu(self.bn(x))
+        x.mul_(2.0)
+        return self.conv(y) + x
+
+
+@pytest.mark.parametrize("model", [GateThenPreAct, InputChangedInPlace],
+                         ids=lambda m: m.__name__)
+def test_prologue_hazard(model):
+    m = randomize_batchnorm(model()).eval()
+    x = torch.randn(2, 8, 6, 5)
+    with torch.no_grad():
+        assert relative_error(cnnfuse.fuse(m)(x.clone()), m(x.clone())) < 2e-5
+
+
+def test_prologue_stays_float32_in_a_half_model():
+    """The shift cancels against x · scale: in fp16 it would lose what eager BatchNorm keeps
+    (here it would overflow to -inf)."""
+    model = PreAct().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(2000.0)
+        model.bn1.running_var.fill_(1e-4)
+    fused = cnnfuse.fuse(model, dtype=torch.float16)
+    assert fused.conv1.input_affine.dtype == torch.float32
+    assert torch.isfinite(fused.conv1.input_affine).all()
+    fused = fused.to(torch.bfloat16)
+    assert fused.conv1.input_affine.dtype == torch.float32
