@@ -329,11 +329,8 @@ class _GraphFuser:
             return
         # The conv now reads the BatchNorm's input where it ran: nothing in between may write
         # (the absorbed activation itself may be in place: it goes away).
-        node = bn_node.next
-        while node is not user:
-            if node not in erased and may_mutate(node, self.modules):
-                return
-            node = node.next
+        if self._mutation_between(bn_node, user, ignore=erased):
+            return
         conv.absorb_input_bn(bn, act)
         user.args = (bn_node.args[0],) + tuple(user.args[1:])
         for node in erased:
@@ -549,11 +546,12 @@ class _GraphFuser:
                 start += conv.out_channels
             self.report.add("sibling convs merged", len(nodes))
 
-    def _mutation_between(self, first, last) -> bool:
-        """Whether a node after `first` and up to `last` may write into a tensor."""
+    def _mutation_between(self, first, last, ignore=()) -> bool:
+        """Whether a node after `first` and before `last`, other than those in `ignore`, may
+        write into a tensor."""
         node = first.next
         while node is not last and node.op != "root":
-            if may_mutate(node, self.modules):
+            if node not in ignore and may_mutate(node, self.modules):
                 return True
             node = node.next
         return False

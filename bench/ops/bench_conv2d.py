@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnfuse import ops
 from cnnfuse.bench import zoo
 from cnnfuse.bench.timing import graph_callable
 

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -213,6 +213,13 @@ def _median_ms(fn: Callable[[], Any], cuda: bool, iters: int) -> float:
     return statistics.median(times)
 
 
+def _time_alone(func, leaves: list, tree, cuda: bool, iters: int) -> float:
+    """One op on fresh inputs of the recorded layout, freed when it returns."""
+    args, kwargs = tree_unflatten([leaf.fresh() if isinstance(leaf, _Spec) else leaf
+                                   for leaf in leaves], tree)
+    return _median_ms(lambda: func(*args, **kwargs), cuda, iters)
+
+
 @torch.no_grad()
 def profile(model: nn.Module, x: torch.Tensor, iters: int = 50) -> tuple[list, float]:
     """(ops sorted by total time, whole-model ms) for a fused model on x's device."""
@@ -220,11 +227,8 @@ def profile(model: nn.Module, x: torch.Tensor, iters: int = 50) -> tuple[list, f
     recorded = record(model, x)
     ops = []
     for op, func, leaves, tree in recorded:
-        args, kwargs = tree_unflatten([leaf.fresh() if isinstance(leaf, _Spec) else leaf
-                                       for leaf in leaves], tree)
-        op.ms_per_call = _median_ms(lambda: func(*args, **kwargs), cuda, iters)
+        op.ms_per_call = _time_alone(func, leaves, tree, cuda, iters)
         ops.append(op)
-        del args, kwargs
     total = _median_ms(lambda: model(x), cuda, iters)
     return sorted(ops, key=lambda o: -o.ms), total
 

@@ -321,11 +321,19 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
     input_scale, input_affine, input_activation = prologue
     key = _key(*args) + (f" scale={input_scale is not None} "
                          f"affine={input_activation if input_affine is not None else None}")
-    name = _tuner.pick(key, candidates,
-                       reference=lambda: ref.conv2d(x, weight, bias, stride, padding, dilation,
-                                                    groups, activation, residual, *prologue),
-                       tolerance=_TOLERANCE[x.dtype], default=default)
-    ran("conv2d", backend_label(name))
+    return run_tuned(_tuner, key, candidates,
+                     lambda: ref.conv2d(x, weight, bias, stride, padding, dilation, groups,
+                                        activation, residual, *prologue), x.dtype, default)
+
+
+def run_tuned(tuner: autotune.Autotuner, key: str, candidates: dict, reference, dtype,
+              default: str):
+    """Run the candidate the autotuner picks (timed once per key, checked against
+    `reference`) and say which ran; a Triton kernel compiled inside a graph capture is
+    loaded in relaxed mode."""
+    name = tuner.pick(key, candidates, reference=reference, tolerance=_TOLERANCE[dtype],
+                      default=default)
+    ran(tuner.op, backend_label(name))
     if name.startswith("triton_"):
         with relaxed_capture():
             return candidates[name]()
@@ -337,7 +345,7 @@ def backend_label(candidate: str) -> str:
     if candidate.startswith("triton_"):
         return f"Triton {candidate[7:]}"
     return {"depthwise": "CUDA C++ depthwise", "cudnn_fused": "cuDNN fused (frontend)",
-            "cudnn": "cuDNN + CUDA C++ bias_act"}.get(candidate, candidate)
+            "cudnn": "cuDNN + CUDA C++ bias_act", "two_ops": "two ops"}.get(candidate, candidate)
 
 
 def _key(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest) -> str:

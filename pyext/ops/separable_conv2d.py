@@ -14,10 +14,9 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import autotune, ref
-from .._ext import relaxed_capture
 from ..backend import ran, requested_backend, triton_interpreting, warn_once
 from . import _check
-from .conv2d import _TOLERANCE, _key, backend_label, conv_flops, output_hw, plan
+from .conv2d import _key, conv_flops, output_hw, plan, run_tuned
 
 _tuner = autotune.Autotuner("separable_conv2d")
 
@@ -171,10 +170,5 @@ def _run(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activatio
                 dw_activation, None, dest)
            + f" | pw w{list(weight.shape)} {activation} bias={bias is not None} "
              f"res={residual is not None}")
-    name = _tuner.pick(key, candidates, reference=lambda: _reference(*args[:-1], None),
-                       tolerance=_TOLERANCE[x.dtype], default=default)
-    ran("separable_conv2d", "two ops" if name == "two_ops" else backend_label(name))
-    if name.startswith("triton_"):
-        with relaxed_capture():
-            return candidates[name]()
-    return candidates[name]()
+    return run_tuned(_tuner, key, candidates, lambda: _reference(*args[:-1], None), x.dtype,
+                     default)

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from cnnfuse import ops
-from cnnfuse.ref import apply_activation
 
 from ..util import DTYPE_IDS, DTYPES, assert_within_torch_error, triton_runnable
 
