@@ -11,6 +11,10 @@ Grouped convolution (GROUPED): a tile of output channels reads only the input ch
 groups it spans, and the weight tile is masked to its block diagonal. Narrow groups (ResNeXt's
 4 to 32 channels) are thus packed several to a tile: every loaded byte is useful and the
 tensor cores still run, at the price of multiplying zeros, which a memory-bound layer affords.
+
+Pooling (POOL): the epilogue also adds the tile's stored values, divided by OH·OW, to a
+float32 (N, K) buffer: the squeeze of a squeeze-and-excitation block, without a pass over y.
+A row tile spans one image or a few (small maps), each summed apart and added atomically.
 """
 from dataclasses import dataclass
 
@@ -96,6 +100,14 @@ def default_config(m: int, k: int, c: int, groups: int = 1) -> Conv2dConfig:
 
 
 @triton.jit
+def _round_to_bf16(v):
+    """float32 -> the nearest bfloat16 (ties to even), kept in float32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr, dw_ptr, dwb_ptr,
     N, C, H, W, K, OH, OW, XH, XW,
@@ -105,11 +117,12 @@ def _conv2d_kernel(
     srn, src, srh, srw,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, CG, KG,
+    pool_ptr, pool_scale,
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
     DW: tl.constexpr, RD: tl.constexpr, SD: tl.constexpr, DW_BIAS: tl.constexpr,
     DW_ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -213,12 +226,22 @@ def _conv2d_kernel(
     acc = apply_activation(acc, ACT)
     y_ptrs = y_ptr + (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
         + offs_n[None, :] * syc
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    # DOT_FP32 (the interpreter's bf16): y is a float32 buffer; round to bf16 here, as the GPU
+    # would, so the pool sums the values torch's later copy to bf16 keeps exactly
+    y = _round_to_bf16(acc) if DOT_FP32 else acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, y, mask=out_mask)
+    if POOL:  # the mean of what was stored, per image and channel
+        y = tl.where(out_mask, y.to(tl.float32), 0.0)
+        first, hw = pid_m * BLOCK_M, OH * OW
+        for img in range(first // hw, (tl.minimum(first + BLOCK_M, M) - 1) // hw + 1):
+            part = tl.sum(tl.where((n == img)[:, None], y, 0.0), axis=0) * pool_scale
+            tl.atomic_add(pool_ptr + img * K + offs_n, part, mask=mask_n, sem="relaxed")
 
 
 def _launch(x: torch.Tensor, y: torch.Tensor, K: int, config: Conv2dConfig, allow_tf32: bool,
-            build) -> torch.Tensor:
-    """Run the kernel into y; build(y, precision, dot_fp32) gives (args, constexprs)."""
+            build, pool=None) -> torch.Tensor:
+    """Run the kernel into y, and y's means into pool ((N, K) float32, contiguous) if given;
+    build(y, precision, dot_fp32) gives (args, constexprs)."""
     N, _, OH, OW = y.shape
     precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
     # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
@@ -230,9 +253,12 @@ def _launch(x: torch.Tensor, y: torch.Tensor, K: int, config: Conv2dConfig, allo
         precision = "ieee"
         y = torch.empty(y.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
     args, constexprs = build(y, precision, dot_fp32)
+    if pool is not None:
+        pool.zero_()  # the tiles add into it
+    args += (pool if pool is not None else y, 1.0 / (OH * OW))
     grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
     _conv2d_kernel[grid](
-        *args, **constexprs, PRECISION=precision, DOT_FP32=dot_fp32,
+        *args, **constexprs, POOL=pool is not None, PRECISION=precision, DOT_FP32=dot_fp32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
     return dest.copy_(y) if dot_fp32 else y
@@ -241,11 +267,11 @@ def _launch(x: torch.Tensor, y: torch.Tensor, K: int, config: Conv2dConfig, allo
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
            stride, padding, dilation, act_code: int, config: Conv2dConfig,
            allow_tf32: bool = True, input_scale=None, input_affine=None,
-           input_act_code: int = 0) -> torch.Tensor:
+           input_act_code: int = 0, pool=None) -> torch.Tensor:
     """Launch on already-validated tensors; padding = (left, right, top, bottom); y is the
     (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer. As x loads:
     input_affine (2, C) fp32 scale and shift rows with activation input_act_code, then
-    input_scale (N, C), a per-image channel scale."""
+    input_scale (N, C), a per-image channel scale. pool: (N, K) float32 for mean_hw(y)."""
     N, C, H, W = x.shape
     K, CG, R, S = weight.shape
     groups = C // CG
@@ -264,7 +290,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
                           HAS_AFFINE=input_affine is not None, IN_ACT=input_act_code,
                           DW=False, RD=1, SD=1, DW_BIAS=False, DW_ACT=0,
                           HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
-    return _launch(x, y, K, config, allow_tf32, build)
+    return _launch(x, y, K, config, allow_tf32, build, pool)
 
 
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_stride, dw_padding,
@@ -297,19 +323,20 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_strid
 
 def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
                   has_residual: bool = True, grouped: bool = False, has_scale: bool = False,
-                  has_affine: bool = False, depthwise=None, capability: int = 90):
+                  has_affine: bool = False, depthwise=None, pool: bool = False,
+                  capability: int = 90):
     """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
     constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_SCALE=has_scale,
                       HAS_AFFINE=has_affine, IN_ACT=1 if has_affine else 0,
                       DW=depthwise is not None, RD=(depthwise or (1, 1))[0],
                       SD=(depthwise or (1, 1))[1], DW_BIAS=depthwise is not None,
                       DW_ACT=2 if depthwise is not None else 0,
-                      HAS_BIAS=True, HAS_RES=has_residual,
+                      HAS_BIAS=True, HAS_RES=has_residual, POOL=pool,
                       ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, GROUP_M=config.group_m)
     pointers = dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "scale_ptr"), dtype)
     pointers["affine_ptr"] = torch.float32
-    pointers.update(dw_ptr=dtype, dwb_ptr=dtype)
+    pointers.update(dw_ptr=dtype, dwb_ptr=dtype, pool_ptr=torch.float32)
     return compile_for(_conv2d_kernel, constexprs, pointers, config.num_warps, config.num_stages,
-                       capability)
+                       capability, floats=("pool_scale",))

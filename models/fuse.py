@@ -387,10 +387,15 @@ class _GraphFuser:
         else:
             return
         pool, fc1_node, fc2_node = chain
+        # The gate is computed at the product, from x as it is there: nothing in between may
+        # write x (or anything else).
+        if self._mutation_between(pool, mul):
+            return
         fc1, fc2 = self.modules[fc1_node.target], self.modules[fc2_node.target]
         parent, _, name = fc1_node.target.rpartition(".")
         se_name = (parent + "." if parent else "") + name + "_se_gate"
-        self._replace_module(se_name, FusedSqueezeExcite.from_convs(fc1, fc2))
+        se = FusedSqueezeExcite.from_convs(fc1, fc2)
+        self._replace_module(se_name, se)
         self.report.add("se gate")
 
         consumer = self._sole_user(mul)
@@ -399,7 +404,9 @@ class _GraphFuser:
             gate_node = self.graph.call_module(se_name, (x,))
             if (isinstance(conv, FusedConv2d) and conv.groups == 1 and not conv.has_input_scale
                     and conv.input_affine is None
-                    and self.calls.get(consumer.target, 1) == 1):
+                    and self.calls.get(consumer.target, 1) == 1
+                    # the conv reads x where it runs, no longer the product made earlier
+                    and not self._mutation_between(mul, consumer)):
                 consumer.args = (x,) + tuple(consumer.args[1:])
                 consumer.kwargs = {**consumer.kwargs, "input_scale": gate_node}
                 conv.has_input_scale = True
@@ -408,6 +415,25 @@ class _GraphFuser:
                 mul.replace_all_uses_with(self.graph.call_function(channel_scale, (x, gate_node)))
         for node in (mul, fc2_node, fc1_node, pool):
             self.graph.erase_node(node)
+        self._pool_in_producer(x, gate_node, se)
+
+    def _pool_in_producer(self, x, gate_node, se: FusedSqueezeExcite) -> None:
+        """The squeeze moves into the epilogue of the conv that produced x: it returns
+        (x, mean_hw(x)) and the gate reads the means."""
+        producer = self._module(x)
+        if not (isinstance(producer, FusedConv2d) and not producer.returns_pooled
+                and "out" not in x.kwargs and self.calls.get(x.target, 1) == 1
+                # the means are taken where x is made: nothing may write x before the gate
+                and not self._mutation_between(x, gate_node)):
+            return
+        with self.graph.inserting_after(x):
+            pooled = self.graph.call_function(operator.getitem, (x, 1))
+        with self.graph.inserting_after(x):
+            y = self.graph.call_function(operator.getitem, (x, 0))
+        x.replace_all_uses_with(y, delete_user_cb=lambda user: user not in (y, pooled))
+        gate_node.args = (pooled,)
+        producer.returns_pooled = se.takes_pooled = True
+        self.report.add("se pool in conv epilogue")
 
     def _gate_chain(self, gate, x):
         """(pool, fc1, fc2) when `gate` is fc2(fc1(global_avg_pool(x))), each read once."""

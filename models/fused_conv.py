@@ -53,6 +53,9 @@ class FusedConv2d(nn.Module):
         self.padding = tuple(padding)  # (left, right, top, bottom)
         self.activation, self.has_residual = activation, has_residual
         self.has_input_scale = False  # forward takes a squeeze-excitation gate (N, C_in)
+        # forward returns (y, mean_hw(y) as (N, C_out) float32): an SE block's squeeze, summed
+        # in the epilogue instead of read back
+        self.returns_pooled = False
         # A BatchNorm (+ activation) before the conv, applied as the input loads: (2, C_in)
         # scale and shift rows.
         self.register_buffer("input_affine", None)
@@ -129,7 +132,7 @@ class FusedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 input_scale: Optional[torch.Tensor] = None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None):
         """out: a view of the result's shape to write into (a slice of a concatenation)."""
         for flag, name, value in ((self.has_residual, "residual", residual),
                                   (self.has_input_scale, "input_scale", input_scale)):
@@ -146,12 +149,14 @@ class FusedConv2d(nn.Module):
                            input_affine=self.input_affine,
                            input_activation=self.input_activation)
             y = apply_activation(y + residual, self.activation)
-            return y if out is None else out.copy_(y)
+            y = y if out is None else out.copy_(y)
+            return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
         return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
                           self.dilation, self.groups, activation=self.activation,
                           residual=residual, input_scale=input_scale,
                           input_affine=self.input_affine,
-                          input_activation=self.input_activation, out=out)
+                          input_activation=self.input_activation, out=out,
+                          return_pooled=self.returns_pooled)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",
@@ -170,4 +175,6 @@ class FusedConv2d(nn.Module):
             parts.append("input_scale=se_gate")
         if self.input_affine is not None:
             parts.append(f"input=bn+{self.input_activation}")
+        if self.returns_pooled:
+            parts.append("returns_pooled")
         return ", ".join(parts)

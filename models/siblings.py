@@ -11,7 +11,8 @@ from .fused_conv import FusedConv2d
 
 
 def _signature(m: FusedConv2d) -> Optional[tuple]:
-    if m.groups != 1 or m.has_residual or m.has_input_scale or m.input_affine is not None:
+    if (m.groups != 1 or m.has_residual or m.has_input_scale or m.input_affine is not None
+            or m.returns_pooled):
         return None
     return (m.in_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.activation,
             m.weight.dtype)

@@ -1,7 +1,8 @@
-"""Squeeze-and-excitation, fused: the pooled input goes through both FC layers in one kernel
-(`cnnfuse.ops.se_gate`) and the gate is applied by the consuming conv as it loads its input
-(`conv2d(..., input_scale=gate)`); only where no conv consumes it is the scale a pass of its
-own (`channel_scale`)."""
+"""Squeeze-and-excitation, fused: the squeeze (the mean over height and width) is summed by the
+conv that produces the block's input, in its epilogue (`conv2d(..., return_pooled=True)`);
+both FC layers run in one kernel (`cnnfuse.ops.se_gate`); the gate is applied by the consuming
+conv as it loads its input (`conv2d(..., input_scale=gate)`). Where no conv produces the input
+the mean is a pass of its own, and where none consumes it so is the scale (`channel_scale`)."""
 import torch
 from torch import fx, nn
 
@@ -10,12 +11,14 @@ from .fused_conv import FusedConv2d
 
 
 class FusedSqueezeExcite(nn.Module):
-    """(N, C, H, W) -> the (N, C) gate act2(W2 · act1(W1 · mean_hw(x) + b1) + b2)."""
+    """(N, C, H, W) -> the (N, C) gate act2(W2 · act1(W1 · mean_hw(x) + b1) + b2); with
+    `takes_pooled`, forward takes mean_hw(x) itself, (N, C) float32."""
 
     def __init__(self, channels: int, reduced: int, activation: str, gate_activation: str,
                  bias: bool = True):
         super().__init__()
         self.activation, self.gate_activation = activation, gate_activation
+        self.takes_pooled = False
         self.w1 = nn.Parameter(torch.empty(reduced, channels), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(channels, reduced), requires_grad=False)
         self.b1 = nn.Parameter(torch.zeros(reduced), requires_grad=False) if bias else None
@@ -34,13 +37,18 @@ class FusedSqueezeExcite(nn.Module):
         return se
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean((2, 3), dtype=torch.float32)
+        if self.takes_pooled != (x.dim() == 2):
+            raise ValueError(f"FusedSqueezeExcite(takes_pooled={self.takes_pooled}) got a "
+                             f"{x.dim()}-d input; expected "
+                             f"{'(N, C) means' if self.takes_pooled else '(N, C, H, W)'}")
+        pooled = x if self.takes_pooled else x.mean((2, 3), dtype=torch.float32)
         return ops.se_gate(pooled, self.w1, self.b1, self.w2, self.b2,
                            activation=self.activation, gate_activation=self.gate_activation)
 
     def extra_repr(self) -> str:
         return (f"{self.w2.shape[0]} -> {self.w1.shape[0]} -> {self.w2.shape[0]}, "
-                f"activation={self.activation}, gate={self.gate_activation}")
+                f"activation={self.activation}, gate={self.gate_activation}"
+                + (", takes_pooled" if self.takes_pooled else ""))
 
 
 @fx.wrap

@@ -53,6 +53,15 @@ def _median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 15) -> flo
     return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
 
 
+def _tensors(output) -> tuple:
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    return (got.float() - want).abs().max().item() / (want.abs().max().item() + 1e-6)
+
+
 class Autotuner:
     def __init__(self, op: str):
         self.op = op
@@ -86,19 +95,20 @@ class Autotuner:
     def pick(self, key: str, candidates: dict, reference: Callable[[], torch.Tensor],
              tolerance: float, default: str) -> str:
         """Name of the candidate to run. candidates map names to zero-argument callables that
-        return their output; reference() returns the expected output (any dtype)."""
+        return their output, a tensor or a tuple of them; reference() returns the expected
+        output (any dtype), each tensor checked relative to its own largest value."""
         table = self._load()
         chosen = table.get(key, {}).get("best")
         if chosen in candidates:
             return chosen
         if not enabled() or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
             return default
-        expected = reference().float()
-        scale = expected.abs().max().item() + 1e-6
+        expected = _tensors(reference())
         timings = {}
         for name, fn in candidates.items():
             try:
-                err = (fn().float() - expected).abs().max().item() / scale
+                err = max(_relative_error(got, want) for got, want in
+                          zip(_tensors(fn()), expected, strict=True))
                 if not err <= tolerance:
                     warn_once(f"{self.op}: backend {name} is off by {err:.2e} (relative) on {key}; "
                               "dropped")

@@ -30,5 +30,14 @@ def assert_within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor,
         f"error {ours_err:.3e} exceeds 2 x PyTorch's {torch_err:.3e} + {atol:.1e}")
 
 
+def assert_mean_of(pooled: torch.Tensor, y: torch.Tensor) -> None:
+    """pooled is y's mean over height and width, to float32 summation error: the promise of
+    every return_pooled (y itself is checked against fp64 as any output is)."""
+    assert pooled.dtype == torch.float32 and pooled.shape == y.shape[:2]
+    want = y.double().mean((2, 3))
+    err = (pooled.double() - want).abs().max().item()
+    assert err <= 1e-5 * max(want.abs().max().item(), 1.0), f"pool off by {err:.3e}"
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()

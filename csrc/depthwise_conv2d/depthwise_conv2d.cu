@@ -12,37 +12,58 @@ constexpr int kThreads = 256;
 
 template <typename T, typename V>
 __global__ void __launch_bounds__(kThreads)
-    depthwise_conv2d_kernel(const DwParams p, const DwOperands<T> o, int64_t items) {
-  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < items;
-       i += int64_t(gridDim.x) * kThreads)
-    dw_item<T, V>(p, o, i);
+    depthwise_conv2d_kernel(const DwParams p, const DwOperands<T> o, const DwGrid g) {
+  float sum[V::vec];
+  int64_t n, k0;
+  dw_thread<T, V>(p, o, g, blockIdx.x, threadIdx.x, sum, &n, &k0);
+  if (o.pool == nullptr) return;
+  // The block's lanes hold partial sums of the same vb vectors: add them up in shared memory,
+  // then one atomic per channel.
+  extern __shared__ float partial[];  // threads x VEC
+#pragma unroll
+  for (int j = 0; j < V::vec; ++j) partial[threadIdx.x * V::vec + j] = sum[j];
+  __syncthreads();
+  if (threadIdx.x >= g.vb || k0 >= p.K) return;
+#pragma unroll
+  for (int j = 0; j < V::vec; ++j) {
+    float total = 0.f;
+    for (int64_t lane = 0; lane < g.lanes; ++lane)
+      total += partial[(lane * g.vb + threadIdx.x) * V::vec + j];
+    atomicAdd(o.pool + n * p.K + k0 + j, total * p.pool_scale);
+  }
 }
 
 void depthwise_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
-                           const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
+                           const c10::optional<at::Tensor>& residual, const at::Tensor& out,
+                           const c10::optional<at::Tensor>& pool) {
   const DwParams p = dw_params(x, weight, bias, stride, padding, dilation, activation, residual,
                                out);
   TORCH_CHECK_VALUE(x.is_cuda(), "depthwise_conv2d: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool wide = dw_wide(x, weight, residual, out);
+  float* pool_sums = dw_pool(pool, out);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d",
                                   [&] {
-    const DwOperands<scalar_t> o = dw_operands<scalar_t>(x, weight, bias, residual, out);
+    const DwOperands<scalar_t> o = dw_operands<scalar_t>(x, weight, bias, residual, out,
+                                                         pool_sums);
     // Strips of 4 only when they still leave a few full waves of 2048 threads per SM; at
     // batch 1 one output per thread is what keeps every SM busy.
     const int64_t vecs = p.K / (16 / sizeof(scalar_t));
     const bool strips = p.N * p.OH * ((p.OW + 3) / 4) * vecs >= int64_t(sms) * 2048 * 2;
     dw_dispatch<scalar_t>(p, wide, strips, [&](auto variant) {
       using V = decltype(variant);
-      const int64_t items = dw_items<V>(p);
-      if (items == 0) return;
-      const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads,
-                                               int64_t(sms) * 256);
+      // Four waves of 8 blocks per SM: enough to balance, few enough that each thread does
+      // several strips and the pool's atomics stay few.
+      const DwGrid g = dw_grid<V>(p, kThreads, int64_t(sms) * 8 * 4);
+      const int64_t blocks = g.blocks(p.N);
+      if (blocks == 0 || g.strips == 0) return;
+      TORCH_CHECK(blocks < (int64_t(1) << 31), "depthwise_conv2d: output too large");
+      const size_t shared = pool_sums ? g.threads() * V::vec * sizeof(float) : 0;
       depthwise_conv2d_kernel<scalar_t, V>
-          <<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p, o, items);
+          <<<blocks, g.threads(), shared, at::cuda::getCurrentCUDAStream()>>>(p, o, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

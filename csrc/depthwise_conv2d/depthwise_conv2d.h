@@ -1,9 +1,13 @@
 // cnnfuse::depthwise_conv2d — out = act(depthwise_conv(x, w) + bias + residual) on
-// NHWC-strided operands, with a channel multiplier (K = mult · C; output k reads input k / mult).
+// NHWC-strided operands, with a channel multiplier (K = mult · C; output k reads input k / mult),
+// and optionally pool = mean_hw(out), the squeeze of a squeeze-and-excitation block.
 //
-// The work item is a strip of TW outputs along W for VEC consecutive channels. The GPU runs one
-// item per thread; the CPU build loops over the same items with the same functions, so CI
-// tests the indexing and arithmetic that the GPU executes. Variants:
+// The work item is a strip of TW outputs along W for VEC consecutive channels. A block takes one
+// image, a chunk of at most 32 channel vectors and a range of strips (DwGrid); its threads keep
+// the chunk's vectors side by side (coalesced) and step through the strips. Each thread sums
+// what it stores, so the pool costs a block reduction and one atomic per channel per block,
+// instead of a pass over `out`. The CPU build runs the same blocks thread by thread with the
+// same functions, so CI tests the indexing and arithmetic that the GPU executes. Variants:
 //   * fixed: square 3/5/7 kernels, stride 1 or 2, no dilation, mult 1, 16-byte channel vectors.
 //     Each input row window of (TW-1)·S + KW columns is loaded once and reused by all TW
 //     outputs and all KW taps; TW = 4 for large grids, 1 when the grid must be spread over
@@ -13,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../common/activation.h"
@@ -25,6 +30,7 @@ struct DwParams {
   int64_t N, C, H, W, K, OH, OW;
   int kh, kw, sh, sw, dh, dw, pad_top, pad_left, mult, act;
   bool bias_fp32;  // bias is float32 (else x's dtype)
+  float pool_scale;  // 1 / (OH · OW)
   Strides4 x, res, out;
   int64_t w_k, w_r, w_s;  // weight strides: output channel, kernel row, kernel column
 };
@@ -36,6 +42,7 @@ struct DwOperands {
   const void* bias;  // nullptr, or K values of float or T (DwParams::bias_fp32)
   const T* res;
   T* out;
+  float* pool;  // nullptr, or (N, K) float32, contiguous: the means of out over OH x OW
 };
 
 template <int VEC_, int KH_, int KW_, int S_, int TW_>
@@ -58,10 +65,11 @@ CNNFUSE_HD void dw_load(const T* p, int64_t step, float (&v)[VEC]) {
   }
 }
 
-// bias + residual + activation for VEC channels of one output pixel, then one wide store.
+// bias + residual + activation for VEC channels of one output pixel, then one wide store; the
+// stored (rounded) values are added to `sum`, so the pool sees exactly what `out` holds.
 template <typename T, int VEC>
 CNNFUSE_HD void dw_store(const DwParams& p, const DwOperands<T>& o, int64_t n, int64_t oh,
-                         int64_t ow, int64_t k0, float (&acc)[VEC]) {
+                         int64_t ow, int64_t k0, float (&acc)[VEC], float (&sum)[VEC]) {
   if (o.bias) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -75,19 +83,19 @@ CNNFUSE_HD void dw_store(const DwParams& p, const DwOperands<T>& o, int64_t n, i
     for (int j = 0; j < VEC; ++j) acc[j] += r[j];
   }
   T* dst = o.out + n * p.out.n + oh * p.out.h + ow * p.out.w + k0 * p.out.c;
-  if constexpr (VEC == 1) {
-    *dst = static_cast<T>(activate(acc[0], p.act));
-  } else {
-    Vec<T, VEC> v;
+  Vec<T, VEC> v;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = static_cast<T>(activate(acc[j], p.act));
-    *reinterpret_cast<Vec<T, VEC>*>(dst) = v;
+  for (int j = 0; j < VEC; ++j) {
+    v.v[j] = static_cast<T>(activate(acc[j], p.act));
+    sum[j] += static_cast<float>(v.v[j]);
   }
+  if constexpr (VEC == 1) *dst = v.v[0];
+  else *reinterpret_cast<Vec<T, VEC>*>(dst) = v;
 }
 
 template <typename T, typename V>
 CNNFUSE_HD void dw_fixed_strip(const DwParams& p, const DwOperands<T>& o, int64_t n, int64_t oh,
-                               int64_t ow0, int64_t c0) {
+                               int64_t ow0, int64_t c0, float (&sum)[V::vec]) {
   constexpr int VEC = V::vec, KH = V::kh, KW = V::kw, S = V::stride, TW = V::tw;
   constexpr int WIN = (TW - 1) * S + KW;
   float acc[TW][VEC];
@@ -125,12 +133,12 @@ CNNFUSE_HD void dw_fixed_strip(const DwParams& p, const DwOperands<T>& o, int64_
   }
 #pragma unroll
   for (int t = 0; t < TW; ++t)
-    if (ow0 + t < p.OW) dw_store<T, VEC>(p, o, n, oh, ow0 + t, c0, acc[t]);
+    if (ow0 + t < p.OW) dw_store<T, VEC>(p, o, n, oh, ow0 + t, c0, acc[t], sum);
 }
 
 template <typename T, int VEC>
 CNNFUSE_HD void dw_generic_point(const DwParams& p, const DwOperands<T>& o, int64_t n,
-                                 int64_t oh, int64_t ow, int64_t k0) {
+                                 int64_t oh, int64_t ow, int64_t k0, float (&sum)[VEC]) {
   float acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
@@ -150,26 +158,58 @@ CNNFUSE_HD void dw_generic_point(const DwParams& p, const DwOperands<T>& o, int6
       for (int j = 0; j < VEC; ++j) acc[j] += xv[j] * wv[j];
     }
   }
-  dw_store<T, VEC>(p, o, n, oh, ow, k0, acc);
+  dw_store<T, VEC>(p, o, n, oh, ow, k0, acc, sum);
 }
 
-// Items are numbered channel-vector fastest, so neighbouring GPU threads read neighbouring
-// 16-byte vectors of one pixel (coalesced), then strips along W, then rows, then images.
+// Blocks are (channel chunk, range of strips, image), chunk fastest. A chunk holds vb channel
+// vectors (at most 32, evened out over the chunks); the block's vb · lanes threads are lanes
+// of vb, thread t taking vector t % vb of every lanes-th strip of its range.
+struct DwGrid {
+  int64_t vecs, chunks, vb, lanes, strips_w, strips, per_block, splits;
+  int64_t threads() const { return vb * lanes; }
+  int64_t blocks(int64_t images) const { return chunks * splits * images; }
+};
+
+// `threads`: the block size to fill; `min_blocks`: how many blocks the device wants (a few
+// waves), reached by splitting each image's strips while a thread still has one to do.
 template <typename V>
-CNNFUSE_HD int64_t dw_items(const DwParams& p) {
-  return p.N * p.OH * ((p.OW + V::tw - 1) / V::tw) * (p.K / V::vec);
+DwGrid dw_grid(const DwParams& p, int64_t threads, int64_t min_blocks) {
+  DwGrid g{};
+  g.vecs = p.K / V::vec;
+  g.chunks = (g.vecs + 31) / 32;
+  g.vb = (g.vecs + g.chunks - 1) / g.chunks;
+  g.lanes = threads / g.vb;
+  g.strips_w = (p.OW + V::tw - 1) / V::tw;
+  g.strips = p.OH * g.strips_w;
+  const int64_t per_image = g.chunks * p.N;
+  const int64_t most = (g.strips + g.lanes - 1) / g.lanes;  // one strip per thread
+  const int64_t want = (min_blocks + per_image - 1) / std::max<int64_t>(per_image, 1);
+  g.splits = std::max<int64_t>(1, std::min(most, want));
+  g.per_block = (g.strips + g.splits - 1) / g.splits;
+  g.splits = (g.strips + g.per_block - 1) / g.per_block;  // no empty tail block
+  return g;
 }
 
+// One thread of one block: its outputs, and in `sum` the total of what it stored for channels
+// *k0 .. *k0 + VEC of image *n (left zero for a thread past the last vector).
 template <typename T, typename V>
-CNNFUSE_HD void dw_item(const DwParams& p, const DwOperands<T>& o, int64_t i) {
-  const int64_t vecs = p.K / V::vec, strips = (p.OW + V::tw - 1) / V::tw;
-  const int64_t k0 = (i % vecs) * V::vec;
-  int64_t rest = i / vecs;
-  const int64_t ow0 = (rest % strips) * V::tw;
-  rest /= strips;
-  const int64_t oh = rest % p.OH, n = rest / p.OH;
-  if constexpr (V::fixed) dw_fixed_strip<T, V>(p, o, n, oh, ow0, k0);
-  else dw_generic_point<T, V::vec>(p, o, n, oh, ow0, k0);
+CNNFUSE_HD void dw_thread(const DwParams& p, const DwOperands<T>& o, const DwGrid& g,
+                          int64_t block, int64_t thread, float (&sum)[V::vec], int64_t* n,
+                          int64_t* k0) {
+#pragma unroll
+  for (int j = 0; j < V::vec; ++j) sum[j] = 0.f;
+  const int64_t chunk = block % g.chunks, rest = block / g.chunks;
+  const int64_t split = rest % g.splits;
+  const int64_t vec = chunk * g.vb + thread % g.vb;
+  *n = rest / g.splits;
+  *k0 = vec * V::vec;
+  if (vec >= g.vecs) return;
+  const int64_t end = std::min(g.strips, (split + 1) * g.per_block);
+  for (int64_t s = split * g.per_block + thread / g.vb; s < end; s += g.lanes) {
+    const int64_t oh = s / g.strips_w, ow0 = (s % g.strips_w) * V::tw;
+    if constexpr (V::fixed) dw_fixed_strip<T, V>(p, o, *n, oh, ow0, *k0, sum);
+    else dw_generic_point<T, V::vec>(p, o, *n, oh, ow0, *k0, sum);
+  }
 }
 
 // Calls `run(DwVariant<...>{})` with the variant for these parameters. `wide`: every operand
@@ -209,13 +249,17 @@ DwParams dw_params(const at::Tensor& x, const at::Tensor& weight,
 bool dw_wide(const at::Tensor& x, const at::Tensor& weight,
              const c10::optional<at::Tensor>& residual, const at::Tensor& out);
 
+// Checks `pool` against the output and zeroes it (the blocks add into it); nullptr if absent.
+float* dw_pool(const c10::optional<at::Tensor>& pool, const at::Tensor& out);
+
 template <typename T>
 DwOperands<T> dw_operands(const at::Tensor& x, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
+                          const c10::optional<at::Tensor>& residual, const at::Tensor& out,
+                          float* pool) {
   return {x.const_data_ptr<T>(), weight.const_data_ptr<T>(),
           bias ? bias->const_data_ptr() : nullptr,
-          residual ? residual->const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>()};
+          residual ? residual->const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(), pool};
 }
 
 }  // namespace cnnfuse

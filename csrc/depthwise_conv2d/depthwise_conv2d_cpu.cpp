@@ -56,6 +56,7 @@ DwParams dw_params(const at::Tensor& x, const at::Tensor& weight,
   p.pad_top = int(padding[2]), p.pad_left = int(padding[0]);
   p.mult = int(K / C), p.act = int(activation);
   p.bias_fp32 = bias && bias->scalar_type() == at::kFloat;
+  p.pool_scale = 1.f / float(OH * OW);
   p.x = strides_of(x), p.out = strides_of(out);
   p.res = residual ? strides_of(*residual) : Strides4{0, 0, 0, 0};
   p.w_k = weight.stride(0), p.w_r = weight.stride(2), p.w_s = weight.stride(3);
@@ -75,23 +76,59 @@ bool dw_wide(const at::Tensor& x, const at::Tensor& weight,
          (!residual || rows_aligned(*residual, 16));
 }
 
+float* dw_pool(const c10::optional<at::Tensor>& pool, const at::Tensor& out) {
+  if (!pool) return nullptr;
+  TORCH_CHECK_VALUE(pool->dim() == 2 && pool->size(0) == out.size(0) &&
+                        pool->size(1) == out.size(1) && pool->is_contiguous(),
+                    "depthwise_conv2d: pool must be a contiguous (", out.size(0), ", ",
+                    out.size(1), ") tensor, got ", pool->sizes());
+  TORCH_CHECK_TYPE(pool->scalar_type() == at::kFloat, "depthwise_conv2d: pool must be float32");
+  TORCH_CHECK_VALUE(pool->device() == out.device(), "depthwise_conv2d: pool must be on ",
+                    out.device());
+  pool->zero_();
+  return pool->mutable_data_ptr<float>();
+}
+
 namespace {
+
+// Block and thread counts of the CPU build: small, so the tests' small shapes still split
+// images over several blocks and chunks as a GPU's large ones do.
+constexpr int64_t kCpuThreads = 32, kCpuBlocks = 64;
 
 void depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
-                          const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
+                          const c10::optional<at::Tensor>& residual, const at::Tensor& out,
+                          const c10::optional<at::Tensor>& pool) {
   const DwParams p = dw_params(x, weight, bias, stride, padding, dilation, activation, residual,
                                out);
   const bool wide = dw_wide(x, weight, residual, out);
+  float* pool_sums = dw_pool(pool, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d",
                                   [&] {
-    const DwOperands<scalar_t> o = dw_operands<scalar_t>(x, weight, bias, residual, out);
+    const DwOperands<scalar_t> o = dw_operands<scalar_t>(x, weight, bias, residual, out,
+                                                         pool_sums);
     // Strips of 4 wherever a row has room for one, so the CPU build covers both strip widths.
     dw_dispatch<scalar_t>(p, wide, p.OW >= 4, [&](auto variant) {
       using V = decltype(variant);
-      at::parallel_for(0, dw_items<V>(p), 256, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) dw_item<scalar_t, V>(p, o, i);
+      const DwGrid g = dw_grid<V>(p, kCpuThreads, kCpuBlocks);
+      // A task owns one (chunk, image) pair, all its splits: the pool sums it adds to are its
+      // own, so no atomics.
+      at::parallel_for(0, g.chunks * p.N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t pair = begin; pair < end; ++pair) {
+          const int64_t chunk = pair % g.chunks, image = pair / g.chunks;
+          for (int64_t split = 0; split < g.splits; ++split) {
+            const int64_t block = chunk + g.chunks * (split + g.splits * image);
+            for (int64_t t = 0; t < g.threads(); ++t) {
+              float sum[V::vec];
+              int64_t n, k0;
+              dw_thread<scalar_t, V>(p, o, g, block, t, sum, &n, &k0);
+              if (pool_sums == nullptr || k0 >= p.K) continue;
+              for (int j = 0; j < V::vec; ++j)
+                pool_sums[n * p.K + k0 + j] += sum[j] * p.pool_scale;
+            }
+          }
+        }
       });
     });
   });

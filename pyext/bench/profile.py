@@ -87,10 +87,14 @@ def _describe(func, args, out) -> str:
             text += f" {act}"
         if name.startswith("conv2d") and len(rest) > 2 and rest[2] is not None:
             text += " +res"
-        if name in ("conv2d", "conv2d_into") and rest[4] is not None:
+        prologue = name in ("conv2d", "conv2d_into", "conv2d_pooled")
+        if prologue and rest[4] is not None:
             text = text.replace(f" {x.shape[1]}→", f" bn+{rest[5]}({x.shape[1]})→", 1)
-        if name in ("conv2d", "conv2d_into") and rest[3] is not None:
+        if prologue and rest[3] is not None:
             text += " ·se"
+        if name == "conv2d_pooled" or (name == "depthwise_conv2d" and len(rest) > 3
+                                       and rest[3] is not None):
+            text += " →pool"
         if name == "conv2d_into":
             step = rest[6].stride(1)
             text += " →slice" if step == 1 else f" →slice, channel step {step}"
@@ -235,13 +239,13 @@ def profile(model: nn.Module, x: torch.Tensor, iters: int = 50) -> tuple[list, f
 
 def table(ops: list, total_ms: float, top: int, whole: str = "in one CUDA graph") -> str:
     rows = [f"{'#':>3} {'ms':>8} {'share':>6} {'calls':>5}  {'floor ms':>8} {'of floor':>8} "
-            f"{'TFLOP/s':>8}  {'backend':<34} op"]
+            f"{'TFLOP/s':>8}  {'backend':<36} op"]
     for i, op in enumerate(ops[:top], 1):
         tflops = op.flops / (op.ms_per_call * 1e-3) / 1e12 if op.ms_per_call > 0 else 0.0
         where = op.name + (f" (+{op.calls - 1} more)" if op.calls > 1 else "")
         rows.append(f"{i:>3} {op.ms:>8.3f} {op.ms / total_ms:>6.1%} {op.calls:>5}  "
                     f"{op.floor_ms * op.calls:>8.3f} {op.floor_ms / op.ms_per_call:>8.2f} "
-                    f"{tflops:>8.1f}  {op.backend[:34]:<34} {op.what}  [{where}]")
+                    f"{tflops:>8.1f}  {op.backend[:36]:<36} {op.what}  [{where}]")
     summed = sum(op.ms for op in ops)
     rows.append(f"{len(ops)} distinct ops, {sum(op.calls for op in ops)} calls; their sum "
                 f"alone {summed:.3f} ms, the whole model {whole} {total_ms:.3f} ms")

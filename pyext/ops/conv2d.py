@@ -6,9 +6,11 @@ per-channel affine + activation (a pre-activation BatchNorm and its ReLU, as Den
 them before each conv), then an optional per-image, per-channel scale (N, C) (a
 squeeze-and-excitation gate).
 
-Two schemas share one implementation: `conv2d` returns a new channels_last tensor, and
+Three schemas share one implementation: `conv2d` returns a new channels_last tensor;
 `conv2d_into` writes into channels [offset, offset + K) of a wider buffer, which is how
-concatenated branch outputs are produced without `torch.cat`.
+concatenated branch outputs are produced without `torch.cat`; `conv2d_pooled` also returns
+y's mean over height and width (N, K) in float32, summed in the epilogue from the values it
+stores: the squeeze of a squeeze-and-excitation block without a pass over y.
 """
 import functools
 from typing import Optional, Sequence, Union
@@ -112,7 +114,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            activation: str = "none", residual: Optional[torch.Tensor] = None,
            input_scale: Optional[torch.Tensor] = None,
            input_affine: Optional[torch.Tensor] = None, input_activation: str = "none",
-           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+           out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
+           return_pooled: bool = False):
     """y = act(conv2d(x', weight, stride, padding, dilation, groups) + bias + residual), with
     x' = input_act(x · input_affine[0] + input_affine[1]) · input_scale.
 
@@ -121,11 +124,19 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     by input_activation. input_scale: (N, C) multiplies input channels per image (an SE gate).
     Each prologue step is rounded to x's dtype, as PyTorch's own ops would round it, and
     padding stays zero. With `out` (N, C_total, OH, OW), y lands in channels
-    [out_channel_offset, +C_out) and `out` is returned. Inference only: no autograd.
+    [out_channel_offset, +C_out) and `out` is returned. With return_pooled, returns
+    (y, pooled): pooled (N, C_out) float32 is y's mean over its height and width. Inference
+    only: no autograd.
     """
     stride, pads, dilation, shape = plan(x, weight, bias, stride, padding, dilation, groups,
                                          activation, residual, input_scale, input_affine,
                                          input_activation)
+    if return_pooled:
+        if out is not None:
+            raise ValueError("return_pooled does not combine with out= (pool the slice instead)")
+        return torch.ops.cnnfuse.conv2d_pooled(x, weight, bias, stride, pads, dilation, groups,
+                                               activation, residual, input_scale,
+                                               input_affine, input_activation)
     if out is None:
         return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
                                         activation, residual, input_scale, input_affine,
@@ -147,6 +158,18 @@ def _conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                 (input_scale, input_affine, input_activation), None)
 
 
+@torch.library.custom_op("cnnfuse::conv2d_pooled", mutates_args=())
+def _conv2d_pooled_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                      activation: str, residual: Optional[torch.Tensor],
+                      input_scale: Optional[torch.Tensor], input_affine: Optional[torch.Tensor],
+                      input_activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    pool = x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    y = _run(x, weight, bias, stride, padding, dilation, groups, activation, residual,
+             (input_scale, input_affine, input_activation), None, pool)
+    return y, pool
+
+
 @torch.library.custom_op("cnnfuse::conv2d_into", mutates_args=("out",))
 def _conv2d_into_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -162,6 +185,13 @@ def _conv2d_into_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
       input_affine, input_activation):
     return _empty_out(x, weight, stride, padding, dilation)
+
+
+@_conv2d_pooled_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, activation, residual, input_scale,
+      input_affine, input_activation):
+    return (_empty_out(x, weight, stride, padding, dilation),
+            x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32))
 
 
 @_conv2d_into_op.register_fake
@@ -184,7 +214,7 @@ def conv_flops(x_shape, w_shape, stride, padding, dilation) -> int:
 
 # So that FlopCounterMode (and the profiler's floors) count fused models as it counts eager ones.
 @register_flop_formula([torch.ops.cnnfuse.conv2d, torch.ops.cnnfuse.conv2d_into,
-                        torch.ops.cnnfuse.conv2d_cudnn])
+                        torch.ops.cnnfuse.conv2d_pooled, torch.ops.cnnfuse.conv2d_cudnn])
 def _(x, weight, bias, stride, padding, dilation, *rest, out_shape=None, **kwargs):
     return conv_flops(x, weight, stride, padding, dilation)
 
@@ -223,10 +253,11 @@ def _library_conv(x, weight, bias, stride, padding, dilation, groups, activation
     return dest
 
 
-def _depthwise(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
+def _depthwise(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest,
+               pool=None):
     dest = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
     return depthwise_conv2d_into(x, weight, bias, stride, padding, dilation, activation,
-                                 residual, dest)
+                                 residual, dest, pool)
 
 
 def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation, residual, dest):
@@ -237,13 +268,13 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, activation,
 
 
 def _triton(config, x, weight, bias, stride, padding, dilation, groups, activation, residual,
-            dest, prologue=(None, None, "none")):
+            dest, prologue=(None, None, "none"), pool=None):
     from ..kernels import conv2d as kernel
     y = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
     allow_tf32 = torch.backends.cudnn.allow_tf32
     return kernel.conv2d(x, weight, bias, residual, y, stride, padding, dilation,
                          ref.activation_code(activation), config, allow_tf32, prologue[0],
-                         prologue[1], ref.activation_code(prologue[2]))
+                         prologue[1], ref.activation_code(prologue[2]), pool)
 
 
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
@@ -260,8 +291,22 @@ def _with_prologue(fn, prologue):
     return run
 
 
+def _pooled(fn, pool):
+    """A backend without a pooling epilogue: the mean as a pass of its own (inside the timed
+    call, like the prologue)."""
+    if pool is None:
+        return fn
+
+    def run(*args):
+        y = fn(*args)
+        torch.mean(y, (2, 3), dtype=torch.float32, out=pool)
+        return y
+    return run
+
+
 def _run(x, weight, bias, stride, padding, dilation, groups, activation, residual, prologue,
-         dest):
+         dest, pool=None):
+    """y into dest (or a new tensor), and mean_hw(y) into pool ((N, K) float32) if given."""
     backend = requested_backend()
     depthwise = is_depthwise(x, weight, groups)
     if x.device.type == "cuda" and backend != "reference":
@@ -276,7 +321,13 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         if not depthwise:  # depthwise weights keep their (possibly tap-major) layout
             weight = weight.contiguous(memory_format=torch.channels_last)
     args = (x, weight, bias, stride, padding, dilation, groups, activation, residual, dest)
-    triton_args = args + (prologue,)
+    triton_args = args + (prologue, pool)
+
+    def native(fn):  # a backend that pools in its own epilogue
+        return functools.partial(_with_prologue(fn, prologue), *args, pool)
+
+    def separate(fn):  # one that leaves the prologue and the pool to passes of their own
+        return functools.partial(_pooled(_with_prologue(fn, prologue), pool), *args)
 
     if x.device.type != "cuda":
         if backend == "triton":
@@ -291,16 +342,16 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
             # The CPU build of the CUDA C++ kernels: the same code paths the GPU runs.
             ran("conv2d", ("CUDA C++ depthwise" if depthwise else "PyTorch conv + bias_act")
                 + " (CPU build)")
-            return _with_prologue(_depthwise if depthwise else _library_conv, prologue)(*args)
+            return native(_depthwise)() if depthwise else separate(_library_conv)()
         ran("conv2d", "reference")
-        return _with_prologue(_reference, prologue)(*args)
+        return separate(_reference)()
     if backend == "reference":
         ran("conv2d", "reference")
-        return _with_prologue(_reference, prologue)(*args)
+        return separate(_reference)()
 
     candidates = {}
     if depthwise and backend in ("auto", "cuda"):
-        candidates["depthwise"] = functools.partial(_with_prologue(_depthwise, prologue), *args)
+        candidates["depthwise"] = native(_depthwise)
         default = "depthwise"
     elif backend in ("auto", "triton"):
         from ..kernels import conv2d as kernel
@@ -313,17 +364,28 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         default = "cudnn"
     if backend in ("auto", "cuda"):
         if has_cudnn_frontend():
-            candidates["cudnn_fused"] = functools.partial(_with_prologue(_cudnn_fused, prologue),
-                                                          *args)
-        candidates["cudnn"] = functools.partial(_with_prologue(_library_conv, prologue), *args)
+            candidates["cudnn_fused"] = separate(_cudnn_fused)
+        candidates["cudnn"] = separate(_library_conv)
         if backend == "cuda" and not depthwise:
             default = "cudnn"
     input_scale, input_affine, input_activation = prologue
     key = _key(*args) + (f" scale={input_scale is not None} "
-                         f"affine={input_activation if input_affine is not None else None}")
-    return run_tuned(_tuner, key, candidates,
-                     lambda: ref.conv2d(x, weight, bias, stride, padding, dilation, groups,
-                                        activation, residual, *prologue), x.dtype, default)
+                         f"affine={input_activation if input_affine is not None else None}"
+                         + (" pool" if pool is not None else ""))
+
+    def reference():
+        y = ref.conv2d(x, weight, bias, stride, padding, dilation, groups, activation, residual,
+                       *prologue)
+        return y if pool is None else (y, y.to(x.dtype).float().mean((2, 3)))
+    if pool is not None:  # the autotuner checks (and times) the pool too
+        candidates = {name: functools.partial(_with_pool_result, fn, pool)
+                      for name, fn in candidates.items()}
+        return run_tuned(_tuner, key, candidates, reference, x.dtype, default)[0]
+    return run_tuned(_tuner, key, candidates, reference, x.dtype, default)
+
+
+def _with_pool_result(fn, pool):
+    return fn(), pool
 
 
 def run_tuned(tuner: autotune.Autotuner, key: str, candidates: dict, reference, dtype,

@@ -1,8 +1,10 @@
 """cnnfuse::depthwise_conv2d — y = act(depthwise_conv(x, w) + bias + residual), CUDA C++.
 
 The kernel behind `conv2d` when groups == in_channels (csrc/depthwise_conv2d/): NHWC,
-16-byte channel vectors, any kernel size, stride, dilation and channel multiplier. The same
-C++ runs on CPU tensors (the CPU build of `_C`), which is how CI tests it.
+16-byte channel vectors, any kernel size, stride, dilation and channel multiplier. It can also
+write pool = mean_hw(y) (float32, (N, K)) from the values it stores, which is the squeeze of a
+squeeze-and-excitation block without a pass over y. The same C++ runs on CPU tensors (the CPU
+build of `_C`), which is how CI tests it.
 """
 from typing import Optional, Sequence, Union
 
@@ -17,11 +19,11 @@ from . import _check
 torch.library.define(
     "cnnfuse::depthwise_conv2d",
     "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
-    "int activation, Tensor? residual, Tensor(a!) out) -> ()")
+    "int activation, Tensor? residual, Tensor(a!) out, Tensor(b!)? pool=None) -> ()")
 
 
 @torch.library.register_fake("cnnfuse::depthwise_conv2d")
-def _(x, weight, bias, stride, padding, dilation, activation, residual, out):
+def _(x, weight, bias, stride, padding, dilation, activation, residual, out, pool=None):
     return None
 
 
@@ -31,10 +33,13 @@ def _(x, weight, bias, stride, padding, dilation, *rest, out_shape=None, **kwarg
     return conv_flops(x, weight, stride, padding, dilation)
 
 
-def _reference_impl(x, weight, bias, stride, padding, dilation, activation, residual, out):
+def _reference_impl(x, weight, bias, stride, padding, dilation, activation, residual, out,
+                    pool=None):
     ran("depthwise_conv2d", "reference")
     out.copy_(ref.depthwise_conv2d(x, weight, bias, stride, padding, dilation,
                                    ref.ACTIVATIONS[activation], residual))
+    if pool is not None:
+        torch.mean(out, (2, 3), dtype=torch.float32, out=pool)
 
 
 for _key in ("CPU", "CUDA"):
@@ -54,10 +59,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def depthwise_conv2d_into(x, weight, bias, stride, padding, dilation, activation: str,
-                          residual, dest: torch.Tensor) -> torch.Tensor:
-    """Internal entry for already-checked tensors; dest may be a channel-slice view."""
+                          residual, dest: torch.Tensor, pool=None) -> torch.Tensor:
+    """Internal entry for already-checked tensors; dest may be a channel-slice view, pool a
+    contiguous (N, K) float32 tensor for mean_hw(dest)."""
     torch.ops.cnnfuse.depthwise_conv2d(x, weight, bias, stride, padding, dilation,
-                                       ref.activation_code(activation), residual, dest)
+                                       ref.activation_code(activation), residual, dest, pool)
     return dest
 
 
@@ -65,10 +71,12 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      stride: Union[int, Sequence[int]] = 1, padding=0,
                      dilation: Union[int, Sequence[int]] = 1, *, activation: str = "none",
                      residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                     out_channel_offset: int = 0) -> torch.Tensor:
+                     out_channel_offset: int = 0, return_pooled: bool = False):
     """`conv2d(..., groups=x.shape[1])` on the depthwise kernel itself, skipping autotuning.
 
     weight is (mult·C, 1, KH, KW); `pack_weight` gives it the layout the kernel reads fastest.
+    With return_pooled, returns (y, pooled): pooled (N, K) float32 is y's mean over its
+    height and width, summed from the values the kernel stores.
     """
     from .conv2d import plan
     stride, pads, dilation, shape = plan(x, weight, bias, stride, padding, dilation,
@@ -78,5 +86,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                                     memory_format=torch.channels_last)
     else:
         dest, result = _check.out_slice(out, x, shape, out_channel_offset), out
-    depthwise_conv2d_into(x, weight, bias, stride, pads, dilation, activation, residual, dest)
-    return result
+    pool = x.new_empty(shape[:2], dtype=torch.float32) if return_pooled else None
+    depthwise_conv2d_into(x, weight, bias, stride, pads, dilation, activation, residual, dest,
+                          pool)
+    return (result, pool) if return_pooled else result

@@ -1,6 +1,7 @@
 """EfficientNet: MBConv with SiLU, a sigmoid-gated squeeze-and-excitation and stochastic depth
 before the residual add (the identity at inference, so the add lands in the project conv).
-The SE block becomes one gate kernel, applied by the project conv as it loads its input."""
+The SE block's mean is summed by the depthwise conv's epilogue, its two FC layers are one gate
+kernel, and the project conv applies the gate as it loads its input."""
 import pytest
 import torch
 
@@ -21,6 +22,8 @@ def test_fuse(source, name, adds, se):
     assert report.fused["batchnorm folded"] == report.conv_sites - 2 * se  # SE convs have no BN
     assert report.fused["activation sigmoid"] == se
     assert report.fused["se gate"] == report.fused["se scale in next conv"] == se
+    # the squeeze is summed by the depthwise conv that makes the block's input
+    assert report.fused["se pool in conv epilogue"] == se
 
 
 def _run(backend_name, monkeypatch, size):

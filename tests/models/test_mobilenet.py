@@ -31,6 +31,7 @@ def test_fuse(source, name, adds, acts, separable):
         assert report.fused[f"activation {act}"] == count, str(report)
     se = acts.get("hardsigmoid", 0)  # v3's SE gates
     assert report.fused["se gate"] == report.fused["se scale in next conv"] == se
+    assert report.fused["se pool in conv epilogue"] == se
 
 
 def test_mobilenet_v2_on_the_cpp_kernels(backend):

@@ -11,3 +11,4 @@ def test_fuse():
     assert report.fused["residual add"] == 4
     # the gated output feeds the residual add, not a conv: the scale stays a pass of its own
     assert report.fused["se gate"] == 16 and report.fused["se scale in next conv"] == 0
+    assert report.fused["se pool in conv epilogue"] == 16  # in the last 1x1 conv of the block

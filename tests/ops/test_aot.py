@@ -3,6 +3,7 @@ the conv kernel must build at the tile shapes the autotuner offers and use the t
 (wgmma in the PTX, HGMMA in the SASS). Compiling needs TRITON_INTERPRET unset, so it runs in a
 subprocess."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grou
     ("CONFIGS[3]", "bfloat16", (1, 1), False, "scale"),
     ("CONFIGS[4]", "float16", (1, 1), False, "affine"),
     ("CONFIGS[4]", "float16", (1, 1), False, "depthwise"),
+    ("CONFIGS[0]", "float16", (1, 1), False, "pool"),
     ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, ""),
     ("CONFIGS[5]", "float32", (7, 7), False, ""),
     ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, ""),
@@ -26,7 +28,8 @@ from cnnfuse.kernels.conv2d import CONFIGS, GROUPED_CONFIGS, Conv2dConfig, compi
 config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
 compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True",
                          has_scale=sys.argv[6] == "scale", has_affine=sys.argv[6] == "affine",
-                         depthwise=(3, 3) if sys.argv[6] == "depthwise" else None)
+                         depthwise=(3, 3) if sys.argv[6] == "depthwise" else None,
+                         pool=sys.argv[6] == "pool")
 open(out + ".ptx", "w").write(compiled.asm["ptx"])
 open(out + ".cubin", "wb").write(compiled.asm["cubin"])
 """
@@ -50,6 +53,8 @@ def test_conv2d_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, group
     ptx = Path(f"{out}.ptx").read_text()
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx, "no Hopper tensor-core MMA in the PTX"
+    if prologue == "pool":
+        assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.f32", ptx), "no pool atomics"
     if not _cuobjdump().exists():
         pytest.skip("no cuobjdump in this Triton to read the SASS")
     sass = subprocess.run([str(_cuobjdump()), "-sass", f"{out}.cubin"], capture_output=True,

@@ -13,8 +13,8 @@ import cnnfuse
 from cnnfuse import ops
 from cnnfuse.ref import ACTIVATIONS, apply_activation
 
-from ..util import (DTYPE_IDS, DTYPES, assert_within_torch_error, needs_triton,
-                    triton_runnable)
+from ..util import (DTYPE_IDS, DTYPES, assert_mean_of, assert_within_torch_error,
+                    needs_triton, triton_runnable)
 
 
 @dataclass(frozen=True)
@@ -255,6 +255,41 @@ def affine_check(case, dtype, input_activation, device):
     assert_within_torch_error(ours.cpu(), same.cpu(), ref64)
 
 
+# Pooled cases: a tile spanning several images (3x3 maps), a strided conv, a grouped one, and
+# a depthwise one (the C++ kernel under "cuda").
+POOL_CASES = [Case(4, 16, 3, 3, 20, (1, 1)), CASES[2], CASES[10], CASES[14], CASES[-1]]
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[str(c) for c in POOL_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pooled(mode, case, dtype, backend):
+    """return_pooled: y as without it, and its mean over height and width, summed in the
+    epilogue (atomically per image in a row tile on Triton, per block on the C++ kernel)."""
+    if mode == "triton" and not triton_runnable():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    backend(mode)
+    pooled_check(case, dtype, "cpu")
+
+
+def pooled_check(case, dtype, device):
+    x, w, b, r = (t.to(device) for t in make(case, dtype, residual=True))
+    scale = torch.rand(case.n, case.c, device=device).to(dtype)
+    y, pooled = run(case, x, w, b, r, "silu", input_scale=scale, return_pooled=True)
+    assert_mean_of(pooled.cpu(), y.cpu())
+    assert torch.equal(y, run(case, x, w, b, r, "silu", input_scale=scale))
+    xs = (x.float() * scale.float()[:, :, None, None]).to(dtype)
+    ref64 = torch_conv(case, xs.cpu(), w.cpu(), b.cpu(), r.cpu(), "silu", torch.float64)
+    same = torch_conv(case, xs, w, b, r, "silu", dtype)
+    assert_within_torch_error(y.cpu(), same.cpu(), ref64)
+
+
+def test_pooled_with_out_is_refused():
+    x, w, _, _ = make(CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="return_pooled does not combine with out="):
+        ops.conv2d(x, w, padding=1, out=torch.empty(2, 7, 9, 11), return_pooled=True)
+
+
 # ------------------------------------------------------------------ op contract
 
 def test_opcheck():
@@ -268,6 +303,7 @@ def test_opcheck():
     oh, ow = out_hw(case)
     out = torch.zeros(case.n, case.k + 2, oh, ow).to(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.cnnfuse.conv2d_into.default, args + (out, 1))
+    torch.library.opcheck(torch.ops.cnnfuse.conv2d_pooled.default, args)
 
 
 def test_torch_compile_fullgraph():
@@ -367,6 +403,16 @@ def test_cuda_input_scale(mode, case, dtype, backend):
 def test_cuda_input_affine(mode, case, dtype, backend):
     backend(mode)
     affine_check(case, dtype, "relu", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("case", POOL_CASES + [Case(8, 64, 14, 14, 96, (1, 1))],
+                         ids=[str(c) for c in POOL_CASES] + ["n8c64x14x14-k96-1x1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_pooled(mode, case, dtype, backend):
+    backend(mode)
+    pooled_check(case, dtype, "cuda")
 
 
 @pytest.mark.cuda

@@ -11,7 +11,7 @@ from cnnfuse import ops
 from cnnfuse.ops.depthwise_conv2d import depthwise_conv2d_into, pack_weight
 from cnnfuse.ref import ACTIVATIONS
 
-from ..util import DTYPE_IDS, DTYPES, assert_within_torch_error
+from ..util import DTYPE_IDS, DTYPES, assert_mean_of, assert_within_torch_error
 from .test_conv2d import Case, make, out_hw, torch_conv
 
 
@@ -102,6 +102,31 @@ def test_into_poisoned_slice(offset, layout):
     assert_within_torch_error(out[:, offset:offset + case.k], same, ref64)
 
 
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pooled(case, dtype):
+    """return_pooled: the means of what the kernel stored, per image and channel, summed over
+    the blocks each image's strips are split into; y is what the unpooled call gives."""
+    (y, pooled), same, ref64 = check(case, dtype, "hardswish", residual=True,
+                                     return_pooled=True)
+    assert pooled.dtype == torch.float32 and pooled.shape == (case.n, case.k)
+    assert_mean_of(pooled, y)
+    assert torch.equal(y, check(case, dtype, "hardswish", residual=True)[0])
+
+
+def test_pool_buffer_is_overwritten():
+    """The kernel adds block sums into the pool, so it zeroes it first: poison is not kept."""
+    case = CASES[0]
+    x, w, b, _ = make(case, torch.float16)
+    oh, ow = out_hw(case)
+    out = torch.empty(case.n, case.k, oh, ow, dtype=torch.float16).to(
+        memory_format=torch.channels_last)
+    pool = torch.full((case.n, case.k), float("nan"))
+    torch.ops.cnnfuse.depthwise_conv2d(x, pack_weight(w), b, list(case.stride),
+                                       list(case.padding), list(case.dilation), 1, None, out, pool)
+    assert_mean_of(pool, out)
+
+
 def test_conv2d_routes_depthwise_to_the_kernel(backend, monkeypatch):
     """conv2d with groups == C runs this kernel under CNNFUSE_BACKEND=cuda (its CPU build)."""
     conv2d_module = sys.modules["cnnfuse.ops.conv2d"]  # the package exports a function of that name
@@ -145,6 +170,8 @@ def test_opcheck():
     args = (x, pack_weight(w), b, list(case.stride), list(case.padding), list(case.dilation), 1,
             r, out.narrow(1, 1, case.k))
     torch.library.opcheck(torch.ops.cnnfuse.depthwise_conv2d.default, args)
+    pool = torch.zeros(case.n, case.k)
+    torch.library.opcheck(torch.ops.cnnfuse.depthwise_conv2d.default, args + (pool,))
 
 
 @pytest.mark.parametrize("bad, error, match", [
@@ -168,6 +195,13 @@ def test_kernel_checks_its_arguments():
     with pytest.raises(ValueError, match="out has shape"):
         torch.ops.cnnfuse.depthwise_conv2d(x, w[:8], None, [1, 1], [1, 1, 1, 1], [1, 1], 0,
                                            None, torch.empty(1, 8, 4, 5))
+    out = torch.empty(1, 8, 5, 5)
+    for pool, error, match in ((torch.empty(1, 12), ValueError, "pool must be a contiguous"),
+                               (torch.empty(1, 16)[:, ::2], ValueError, "pool must be a contiguous"),
+                               (torch.empty(1, 8).half(), TypeError, "pool must be float32")):
+        with pytest.raises(error, match=match):
+            torch.ops.cnnfuse.depthwise_conv2d(x, w[:8], None, [1, 1], [1, 1, 1, 1], [1, 1], 0,
+                                               None, out, pool)
 
 
 # ------------------------------------------------------------------ GPU: against cuDNN
@@ -194,6 +228,20 @@ def test_cuda_against_cudnn(case, dtype, packed):
     ref64 = torch_conv(case, x.cpu(), w.cpu(), b.cpu(), r.cpu(), "silu", torch.float64)
     cudnn = torch_conv(case, x, w, b, r, "silu", dtype).cpu()
     assert_within_torch_error(out[:, 8:8 + case.k].cpu(), cudnn, ref64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=[str(c) for c in GPU_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_pooled_against_cudnn(case, dtype):
+    """The pool's block reduction and atomics against cuDNN's output averaged in float32."""
+    x, w, b, _ = (t.cuda() if t is not None else None for t in make(case, dtype))
+    y, pooled = ops.depthwise_conv2d(x, pack_weight(w), b, case.stride, case.padding,
+                                     case.dilation[0], activation="silu", return_pooled=True)
+    ref64 = torch_conv(case, x.cpu(), w.cpu(), b.cpu(), None, "silu", torch.float64)
+    cudnn = torch_conv(case, x, w, b, None, "silu", dtype).cpu()
+    assert_within_torch_error(y.cpu(), cudnn, ref64)
+    assert_mean_of(pooled.cpu(), y.cpu())
 
 
 @pytest.mark.cuda

@@ -1,0 +1,90 @@
+"""Squeeze-and-excitation wherever it appears: the mean summed by the conv that produces the
+block's input, the two FC layers in one gate kernel, the scale in the consuming conv's load;
+and the in-place writes that must keep each of those moves from happening."""
+import pytest
+import torch
+from torch import nn
+
+import cnnfuse
+from cnnfuse.models.fused_conv import FusedConv2d
+from cnnfuse.models.squeeze_excite import FusedSqueezeExcite
+
+from ..util import randomize_batchnorm, relative_error
+
+
+class Block(nn.Module):
+    """conv-BN-SiLU → SE (mean, FC, ReLU, FC, sigmoid) → scale → 1x1 conv; `hazard` puts an
+    in-place write of the conv's output at one of three places."""
+
+    def __init__(self, hazard: str = "", channels: int = 12):
+        super().__init__()
+        self.hazard = hazard
+        self.conv = nn.Conv2d(8, channels, 3, padding=1, groups=4, bias=False)
+        self.bn, self.act = nn.BatchNorm2d(channels), nn.SiLU()
+        self.fc1, self.fc2 = nn.Conv2d(channels, 4, 1), nn.Conv2d(4, channels, 1)
+        self.proj = nn.Conv2d(channels, 6, 1)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        if self.hazard == "before pool":
+            y.mul_(2.0)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        if self.hazard == "before scale":
+            y.add_(1.0)
+        scaled = y * gate
+        if self.hazard == "after scale":
+            y.sub_(3.0)  # the product is a new tensor: the consumer must not read y instead
+            return self.proj(scaled) + y.mean()
+        return self.proj(scaled)
+
+
+def _run(model, backend_name=None, monkeypatch=None):
+    model = randomize_batchnorm(model).eval()
+    if backend_name:
+        monkeypatch.setenv("CNNFUSE_BACKEND", backend_name)
+    x = torch.randn(3, 8, 7, 5)
+    with torch.no_grad():
+        expected = model(x.clone())
+        fused = cnnfuse.fuse(model)
+        got = fused(x.clone().contiguous(memory_format=torch.channels_last))
+    return relative_error(got, expected), cnnfuse.explain(model), fused
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton", "cuda"])
+def test_whole_block_fuses(backend_name, monkeypatch):
+    from ..util import triton_runnable
+    if backend_name == "triton" and not triton_runnable():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    err, report, fused = _run(Block(), backend_name, monkeypatch)
+    assert err < 2e-5
+    for what in ("se gate", "se scale in next conv", "se pool in conv epilogue"):
+        assert report.fused[what] == 1, str(report)
+    producer = [m for m in fused.modules() if isinstance(m, FusedConv2d) and m.returns_pooled]
+    assert len(producer) == 1 and producer[0].groups == 4
+    se = [m for m in fused.modules() if isinstance(m, FusedSqueezeExcite)]
+    assert len(se) == 1 and se[0].takes_pooled
+
+
+@pytest.mark.parametrize("hazard", ["before pool", "before scale", "after scale"])
+def test_in_place_writes_keep_the_eager_order(hazard):
+    err, report, _ = _run(Block(hazard))
+    assert err < 2e-5, f"{hazard}: fused output differs by {err:.2e}"
+    if hazard in ("before pool", "before scale"):  # the mean is not taken where y is made
+        assert report.fused["se pool in conv epilogue"] == 0
+
+
+def test_pool_only_where_the_conv_is_called_once():
+    class Twice(Block):
+        def forward(self, x):
+            y = self.act(self.bn(self.conv(x)))
+            gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+            return self.proj(y * gate) + self.conv(x).mean()
+    err, report, _ = _run(Twice())
+    assert err < 2e-5 and report.fused["se pool in conv epilogue"] == 0
+
+
+def test_gate_module_checks_its_input():
+    se = FusedSqueezeExcite(12, 4, "relu", "sigmoid")
+    se.takes_pooled = True
+    with pytest.raises(ValueError, match="expected \\(N, C\\) means"):
+        se(torch.randn(2, 12, 3, 3))
