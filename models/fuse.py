@@ -400,6 +400,7 @@ class _GraphFuser:
 
         consumer = self._sole_user(mul)
         conv = self._module(consumer) if consumer is not None else None
+        scale = None
         with self.graph.inserting_before(mul):
             gate_node = self.graph.call_module(se_name, (x,))
             if (isinstance(conv, FusedConv2d) and conv.groups == 1 and not conv.has_input_scale
@@ -412,10 +413,37 @@ class _GraphFuser:
                 conv.has_input_scale = True
                 self.report.add("se scale in next conv")
             else:
-                mul.replace_all_uses_with(self.graph.call_function(channel_scale, (x, gate_node)))
+                scale = self.graph.call_function(channel_scale, (x, gate_node))
+                mul.replace_all_uses_with(scale)
         for node in (mul, fc2_node, fc1_node, pool):
             self.graph.erase_node(node)
+        if scale is not None:
+            self._fuse_scale_tail(scale)
         self._pool_in_producer(x, gate_node, se)
+
+    def _fuse_scale_tail(self, scale) -> None:
+        """channel_scale → + residual → [activation], each read only by the next (an SE
+        residual block's tail): one channel_scale call in the add's place."""
+        add = next(iter(scale.users)) if len(scale.users) == 1 else None
+        operands = residual_operands(add) if add is not None else None
+        if not operands or operands[0] is operands[1]:
+            return
+        other = operands[1] if operands[0] is scale else operands[0]
+        in_place = add.target in ("add_",) or getattr(add.target, "__name__", "") == "iadd"
+        # an in-place add into `other` is visible to its later readers; and x is now read at
+        # the add, so nothing in between may write it
+        if (in_place and other is operands[0] and len(other.users) > 1) \
+                or self._mutation_between(scale, add):
+            return
+        act_node = self._sole_user(add)
+        act = activation_of_node(act_node, self.modules) if act_node is not None else None
+        with self.graph.inserting_before(add):
+            fused = self.graph.call_function(channel_scale,
+                                             scale.args + (other, act or "none"))
+        (act_node if act else add).replace_all_uses_with(fused)
+        for node in ([act_node] if act else []) + [add, scale]:
+            self.graph.erase_node(node)
+        self.report.add("se scale + residual add" + (f" + {act}" if act else ""))
 
     def _pool_in_producer(self, x, gate_node, se: FusedSqueezeExcite) -> None:
         """The squeeze moves into the epilogue of the conv that produced x: it returns

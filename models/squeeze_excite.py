@@ -2,11 +2,14 @@
 conv that produces the block's input, in its epilogue (`conv2d(..., return_pooled=True)`);
 both FC layers run in one kernel (`cnnfuse.ops.se_gate`); the gate is applied by the consuming
 conv as it loads its input (`conv2d(..., input_scale=gate)`). Where no conv produces the input
-the mean is a pass of its own, and where none consumes it so is the scale (`channel_scale`)."""
+the mean is a pass of its own, and where none consumes it so is the scale (`channel_scale`),
+which then also takes the residual add and activation after it."""
 import torch
 from torch import fx, nn
 
 from .. import ops
+from ..backend import warn_once
+from ..ref import apply_activation
 from .fused_conv import FusedConv2d
 
 
@@ -52,9 +55,18 @@ class FusedSqueezeExcite(nn.Module):
 
 
 @fx.wrap
-def channel_scale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x · gate[n, c]: the SE scale where no conv can take it in its load stage."""
-    return x * gate.to(x.dtype)[:, :, None, None]
+def channel_scale(x: torch.Tensor, gate: torch.Tensor, residual=None,
+                  activation: str = "none") -> torch.Tensor:
+    """act(x · gate[n, c] + residual): the SE scale where no conv can take it in its load
+    stage, with the residual add and activation that follow it in an SE residual block, in one
+    pass (`ops.bias_act`)."""
+    if residual is not None and not (isinstance(residual, torch.Tensor)
+                                     and residual.shape == x.shape
+                                     and residual.dtype == x.dtype):
+        warn_once("channel_scale: a broadcast or mixed-dtype residual; adding it outside the "
+                  "kernel")
+        return apply_activation(x * gate.to(x.dtype)[:, :, None, None] + residual, activation)
+    return ops.bias_act(x, None, residual, activation=activation, scale=gate)
 
 
 def is_gate_conv(m) -> bool:

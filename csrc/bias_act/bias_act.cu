@@ -13,8 +13,8 @@ namespace {
 // has unit channel stride and 16-byte-aligned rows, so each access is one wide load/store.
 template <typename T, typename B, int VEC>
 __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ bias,
-                                const T* __restrict__ res, T* __restrict__ out, BiasActShape s,
-                                int act) {
+                                const T* __restrict__ res, const float* __restrict__ scale,
+                                T* __restrict__ out, BiasActShape s, int act) {
   const int64_t groups = s.C / VEC;
   const int64_t total = s.N * s.H * s.W * groups;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
@@ -34,7 +34,8 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ b
     }
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      float v = static_cast<float>(xv.v[j]);
+      float v = scaled<T>(static_cast<float>(xv.v[j]), scale,
+                          n * s.scale_n + (c0 + j) * s.scale_c);
       if (bias) v += static_cast<float>(bias[c0 + j]);
       if (rp) v += static_cast<float>(rv.v[j]);
       ov.v[j] = static_cast<T>(activate(v, act));
@@ -50,7 +51,7 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ b
 
 template <typename T, typename B, int VEC>
 void launch(const at::Tensor& x, const B* bias, const c10::optional<at::Tensor>& residual,
-            const at::Tensor& out, const BiasActShape& s, int act) {
+            const float* scale, const at::Tensor& out, const BiasActShape& s, int act) {
   const int64_t total = s.N * s.H * s.W * (s.C / VEC);
   if (total == 0) return;
   const int threads = 256;
@@ -58,35 +59,36 @@ void launch(const at::Tensor& x, const B* bias, const c10::optional<at::Tensor>&
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t(sms) * 16);
   const T* res = residual ? residual->const_data_ptr<T>() : nullptr;
   bias_act_kernel<T, B, VEC><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x.const_data_ptr<T>(), bias, res, out.mutable_data_ptr<T>(), s, act);
+      x.const_data_ptr<T>(), bias, res, scale, out.mutable_data_ptr<T>(), s, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename B>
 void dispatch_vec(const at::Tensor& x, const B* bias, const c10::optional<at::Tensor>& residual,
-                  const at::Tensor& out, const BiasActShape& s, int act) {
+                  const float* scale, const at::Tensor& out, const BiasActShape& s, int act) {
   constexpr int kVec = 16 / sizeof(T);
   const bool wide = s.C % kVec == 0 && rows_aligned(x, 16) && rows_aligned(out, 16) &&
                     (!residual || rows_aligned(*residual, 16));
-  if (wide) launch<T, B, kVec>(x, bias, residual, out, s, act);
-  else launch<T, B, 1>(x, bias, residual, out, s, act);
+  if (wide) launch<T, B, kVec>(x, bias, residual, scale, out, s, act);
+  else launch<T, B, 1>(x, bias, residual, scale, out, s, act);
 }
 
 void bias_act_cuda_impl(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& residual, int64_t activation,
-                        const at::Tensor& out) {
-  check_bias_act(x, bias, residual, activation, out);
-  TORCH_CHECK_VALUE(x.is_cuda() && out.device() == x.device(),
-                    "bias_act: x and out must be on one CUDA device");
+                        const at::Tensor& out, const c10::optional<at::Tensor>& scale) {
+  check_bias_act(x, bias, residual, activation, out, scale);
+  TORCH_CHECK_VALUE(x.is_cuda(), "bias_act: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const BiasActShape shape = bias_act_shape(x, residual, out);
+  const BiasActShape shape = bias_act_shape(x, residual, out, scale);
   const int act = static_cast<int>(activation);
+  const float* sc = scale ? scale->const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
-    if (!bias) dispatch_vec<scalar_t, scalar_t>(x, nullptr, residual, out, shape, act);
+    if (!bias) dispatch_vec<scalar_t, scalar_t>(x, nullptr, residual, sc, out, shape, act);
     else if (bias->scalar_type() == at::kFloat)
-      dispatch_vec<scalar_t, float>(x, bias->const_data_ptr<float>(), residual, out, shape, act);
+      dispatch_vec<scalar_t, float>(x, bias->const_data_ptr<float>(), residual, sc, out, shape,
+                                    act);
     else
-      dispatch_vec<scalar_t, scalar_t>(x, bias->const_data_ptr<scalar_t>(), residual, out,
+      dispatch_vec<scalar_t, scalar_t>(x, bias->const_data_ptr<scalar_t>(), residual, sc, out,
                                        shape, act);
   });
 }

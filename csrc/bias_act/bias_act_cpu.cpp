@@ -8,7 +8,7 @@ namespace cnnfuse {
 
 void check_bias_act(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& residual, int64_t activation,
-                    const at::Tensor& out) {
+                    const at::Tensor& out, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK_VALUE(x.dim() == 4, "bias_act: x must be 4-D, got ", x.sizes());
   TORCH_CHECK_VALUE(out.sizes() == x.sizes(), "bias_act: out has shape ", out.sizes(),
                     " but x has ", x.sizes());
@@ -27,18 +27,32 @@ void check_bias_act(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
     TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(),
                      "bias_act: residual dtype differs from x");
   }
+  if (scale) {
+    TORCH_CHECK_VALUE(scale->dim() == 2 && scale->size(0) == x.size(0) &&
+                          scale->size(1) == x.size(1),
+                      "bias_act: scale must be (", x.size(0), ", ", x.size(1), "), got ",
+                      scale->sizes());
+    TORCH_CHECK_TYPE(scale->scalar_type() == at::kFloat, "bias_act: scale must be float32");
+  }
+  for (const auto* t : {&bias, &residual, &scale}) {
+    TORCH_CHECK_VALUE(!*t || (*t)->device() == x.device(), "bias_act: all tensors must be on ",
+                      x.device());
+  }
+  TORCH_CHECK_VALUE(out.device() == x.device(), "bias_act: out must be on ", x.device());
 }
 
 BiasActShape bias_act_shape(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                            const at::Tensor& out) {
+                            const at::Tensor& out, const c10::optional<at::Tensor>& scale) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), strides_of(x),
-          residual ? strides_of(*residual) : Strides4{0, 0, 0, 0}, strides_of(out)};
+          residual ? strides_of(*residual) : Strides4{0, 0, 0, 0}, strides_of(out),
+          scale ? scale->stride(0) : 0, scale ? scale->stride(1) : 0};
 }
 
 namespace {
 
 template <typename T, typename B>
-void run_cpu(const T* x, const B* bias, const T* res, T* out, const BiasActShape& s, int act) {
+void run_cpu(const T* x, const B* bias, const T* res, const float* scale, T* out,
+             const BiasActShape& s, int act) {
   at::parallel_for(0, s.N * s.H * s.W, 64, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t w = p % s.W, h = (p / s.W) % s.H, n = p / (s.W * s.H);
@@ -46,7 +60,8 @@ void run_cpu(const T* x, const B* bias, const T* res, T* out, const BiasActShape
       const T* rp = res ? res + n * s.res.n + h * s.res.h + w * s.res.w : nullptr;
       T* op = out + n * s.out.n + h * s.out.h + w * s.out.w;
       for (int64_t c = 0; c < s.C; ++c) {
-        float v = static_cast<float>(xp[c * s.x.c]);
+        float v = scaled<T>(static_cast<float>(xp[c * s.x.c]), scale,
+                            n * s.scale_n + c * s.scale_c);
         if (bias) v += static_cast<float>(bias[c]);
         if (rp) v += static_cast<float>(rp[c * s.res.c]);
         op[c * s.out.c] = static_cast<T>(activate(v, act));
@@ -57,14 +72,15 @@ void run_cpu(const T* x, const B* bias, const T* res, T* out, const BiasActShape
 
 void bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& residual, int64_t activation,
-                  const at::Tensor& out) {
-  check_bias_act(x, bias, residual, activation, out);
-  const BiasActShape shape = bias_act_shape(x, residual, out);
+                  const at::Tensor& out, const c10::optional<at::Tensor>& scale) {
+  check_bias_act(x, bias, residual, activation, out, scale);
+  const BiasActShape shape = bias_act_shape(x, residual, out, scale);
+  const float* scale_ptr = scale ? scale->const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
     const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     auto go = [&](auto* b) {
-      run_cpu(x.const_data_ptr<scalar_t>(), b, res, out.mutable_data_ptr<scalar_t>(), shape,
-              static_cast<int>(activation));
+      run_cpu(x.const_data_ptr<scalar_t>(), b, res, scale_ptr, out.mutable_data_ptr<scalar_t>(),
+              shape, static_cast<int>(activation));
     };
     if (!bias) go(static_cast<const scalar_t*>(nullptr));
     else if (bias->scalar_type() == at::kFloat) go(bias->const_data_ptr<float>());

@@ -1,5 +1,6 @@
-"""SE-ResNet: squeeze-and-excitation on the bottleneck output before the residual add; the add
-lands in the downsample projection's epilogue where the block has one."""
+"""SE-ResNet: squeeze-and-excitation on the bottleneck output before the residual add. The mean
+is summed by the last 1x1 conv; the gate, the add and the ReLU are one pass, except where the
+block has a downsample projection, whose epilogue takes the add."""
 from .harness import build, check_model
 
 
@@ -11,4 +12,5 @@ def test_fuse():
     assert report.fused["residual add"] == 4
     # the gated output feeds the residual add, not a conv: the scale stays a pass of its own
     assert report.fused["se gate"] == 16 and report.fused["se scale in next conv"] == 0
-    assert report.fused["se pool in conv epilogue"] == 16  # in the last 1x1 conv of the block
+    assert report.fused["se pool in conv epilogue"] == 16
+    assert report.fused["se scale + residual add + relu"] == 12

@@ -83,6 +83,49 @@ def test_pool_only_where_the_conv_is_called_once():
     assert err < 2e-5 and report.fused["se pool in conv epilogue"] == 0
 
 
+class ResidualTail(nn.Module):
+    """conv → SE → scale → + identity → ReLU (an SE-ResNet block's tail); `hazard` as above."""
+
+    def __init__(self, hazard: str = ""):
+        super().__init__()
+        self.hazard = hazard
+        self.block = Block(channels=8)
+        self.inp = nn.Conv2d(8, 8, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        b = self.block
+        identity = self.inp(x)
+        y = b.act(b.bn(b.conv(identity)))
+        gate = torch.sigmoid(b.fc2(torch.relu(b.fc1(y.mean((2, 3), keepdim=True)))))
+        scaled = y * gate
+        if self.hazard == "write before add":
+            y.mul_(0.5)
+            return self.relu(scaled + identity) + y.mean()
+        if self.hazard == "add into identity":
+            keep = identity  # the same tensor: the in-place add changes it too
+            identity.add_(scaled)  # (FX traces `+=` as an out-of-place add)
+            return self.relu(identity) + keep.mean()
+        return self.relu(scaled + identity)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cuda"])
+def test_residual_tail_is_one_pass(backend_name, monkeypatch):
+    """Gate, add and ReLU in one bias_act call (the C++ kernel's CPU build under "cuda")."""
+    err, report, fused = _run(ResidualTail(), backend_name, monkeypatch)
+    assert err < 2e-5
+    assert report.fused["se scale + residual add + relu"] == 1, str(report)
+    code = fused.code
+    assert code.count("channel_scale(") == 1 and "self.relu" not in code and " add" not in code
+
+
+@pytest.mark.parametrize("hazard", ["write before add", "add into identity"])
+def test_residual_tail_hazards(hazard):
+    err, report, _ = _run(ResidualTail(hazard))
+    assert err < 2e-5, f"{hazard}: fused output differs by {err:.2e}"
+    assert report.fused["se scale + residual add + relu"] == 0
+
+
 def test_gate_module_checks_its_input():
     se = FusedSqueezeExcite(12, 4, "relu", "sigmoid")
     se.takes_pooled = True

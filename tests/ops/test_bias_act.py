@@ -53,10 +53,34 @@ def test_into_slice_of_nchw_and_nhwc(device):
                                   expected(x, bias, res, "relu6", torch.float64).cpu())
 
 
+def scaled(x, gate, bias, res, activation, dtype):
+    """An SE block's tail as eager runs it: x · gate rounded to x's dtype, then the add."""
+    xs = (x.to(dtype) * gate.to(dtype)[:, :, None, None]).to(x.dtype)
+    return expected(xs, bias, res, activation, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("gate_dtype", ["float32", "same"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_scale(shape, dtype, gate_dtype, device):
+    """scale: a per-image, per-channel gate; NCHW x and a strided gate take the scalar path."""
+    x, bias, res = make(shape, dtype, device)
+    gate = torch.rand(shape[1], shape[0], device=device).t()  # (N, C), not contiguous
+    gate = gate if gate_dtype == "float32" else gate.to(dtype)
+    for xx in (x, x.contiguous()):
+        out = torch.full_like(x, float("nan"))
+        ops.bias_act(xx, bias, res, activation="relu", scale=gate, out=out)
+        assert_within_torch_error(out.cpu(), scaled(x, gate, bias, res, "relu", dtype).cpu(),
+                                  scaled(x, gate, bias, res, "relu", torch.float64).cpu())
+
+
 def test_opcheck():
     x, bias, res = make((2, 7, 5, 3), torch.float32)
     out = torch.empty(2, 9, 5, 3).narrow(1, 1, 7)
     torch.library.opcheck(torch.ops.cnnfuse.bias_act.default, (x, bias, res, 3, out))
+    torch.library.opcheck(torch.ops.cnnfuse.bias_act.default,
+                          (x, bias, res, 3, out, torch.rand(2, 7)))
 
 
 def test_bad_input():
@@ -67,6 +91,15 @@ def test_bad_input():
         ops.bias_act(x, bias, res.half())
     with pytest.raises(ValueError, match="unknown activation code"):
         torch.ops.cnnfuse.bias_act(x, bias, res, 42, torch.empty_like(x))
+    with pytest.raises(ValueError, match="scale has shape"):
+        ops.bias_act(x, scale=torch.rand(7, 2))
+    with pytest.raises(TypeError, match="scale has dtype"):
+        ops.bias_act(x, scale=torch.rand(2, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="scale must be"):
+        torch.ops.cnnfuse.bias_act(x, None, None, 0, torch.empty_like(x), torch.rand(2, 6))
+    with pytest.raises(TypeError, match="scale must be float32"):
+        torch.ops.cnnfuse.bias_act(x, None, None, 0, torch.empty_like(x),
+                                   torch.rand(2, 7).half())
 
 
 @pytest.mark.cuda
