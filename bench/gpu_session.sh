@@ -6,6 +6,7 @@
 #   models   the end-to-end suite's --quick selection
 #   zoo EXPR the end-to-end suite filtered by -k EXPR (e.g. zoo "256 and fp16 and mobilenet")
 #   profile MODEL BATCH   the per-op profile of one fused model
+#   sanitize compute-sanitizer memcheck and racecheck over the CUDA C++ kernels' GPU tests
 # Every phase after `tests` ends with the report of all JSON in $OUT.
 #   all      tests, ops and models
 # Logs, JSON and the report go to $OUT (default ./results).
@@ -43,12 +44,20 @@ if [[ $PHASE == profile ]]; then
   python3 -m cnnfuse.bench.profile --model "${2:-mobilenet_v2}" --batch "${3:-256}" --out "$OUT" \
       --top 30 | tee "$OUT/profile.txt"
 fi
+if [[ $PHASE == sanitize ]]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest -q -m cuda -x \
+        tests/ops/test_depthwise_conv2d.py tests/ops/test_bias_act.py -k "fp16 or bf16" 2>&1 \
+        | tail -15 | tee "$OUT/sanitize_$tool.txt"
+    echo "compute-sanitizer $tool: exit ${PIPESTATUS[0]}" | tee -a "$OUT/sanitize_$tool.txt"
+  done
+fi
 if [[ $PHASE == zoo ]]; then
   python3 -m pytest bench/bench_models.py --benchmark-only -q -k "${2:?zoo needs a -k expression}" \
       --benchmark-json="$OUT/bench_zoo.json" --benchmark-columns=median,rounds 2>&1 \
       | tail -30 | tee "$OUT/bench_zoo.txt"
 fi
-if [[ $PHASE != tests ]]; then
+if [[ $PHASE != tests && $PHASE != sanitize ]]; then
   python3 -m cnnfuse.bench.report "$OUT"/bench_*.json "$OUT"/profile_*.json --out "$OUT/report" \
       | tail -40
 fi

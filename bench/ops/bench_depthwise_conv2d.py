@@ -4,7 +4,8 @@
 Providers: `cudnn` runs conv + BatchNorm + activation as PyTorch eager does; `cudnn_conv_only`
 the bare conv; `cnnfuse` the fused op (BN folded, activation in the epilogue: the CUDA C++
 depthwise kernel, or the Triton grouped kernel). All in CUDA graphs. The floor is memory:
-these layers do a few FLOPs per byte.
+these layers do a few FLOPs per byte. `test_squeeze_in_epilogue` times EfficientNet-B0's
+depthwise convs with the mean of the SE block they feed.
 """
 import pytest
 import torch
@@ -63,4 +64,44 @@ def test_grouped_bn_act(layer, batch, provider, timed):
         replay = graph_callable(fns[provider])
     flops = 2 * batch * y.shape[2] * y.shape[3] * cout * (cin // groups) * k[0] * k[1]
     moved = 2 * (x.numel() + y.numel() + conv.weight.numel())
+    timed(replay, flops, moved)
+
+
+SE_SHAPES = [s for s in SHAPES if s[0] == "efficientnet_b0"]  # every depthwise conv feeds an SE
+
+
+@pytest.mark.parametrize("provider", ["cudnn", "cnnfuse_then_mean", "cnnfuse"])
+@pytest.mark.parametrize("batch", [1, 128])
+@pytest.mark.parametrize("layer", SE_SHAPES, ids=[_id(s) for s in SE_SHAPES])
+def test_squeeze_in_epilogue(layer, batch, provider, timed):
+    """The depthwise conv that feeds an SE block, with the SE mean: eager (conv, BN, SiLU, then
+    the mean reading the output back), cnnfuse's fused conv then that mean, and cnnfuse with
+    the mean summed in the depthwise kernel's epilogue (return_pooled)."""
+    name, (cin, cout, k, stride, pad, groups, h, w) = layer
+    dev, dt = "cuda", torch.float16
+    x = torch.randn(batch, cin, h, w, device=dev, dtype=dt).contiguous(
+        memory_format=torch.channels_last)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False).to(
+        dev, dt, memory_format=torch.channels_last)
+    bn = zoo.randomize_batchnorm(nn.BatchNorm2d(cout)).to(dev, dt).eval()
+    fused = FusedConv2d.from_conv(conv)
+    fused.fold_bn(bn)
+    fused.activation = "silu"
+    pooled = FusedConv2d.from_conv(conv)
+    pooled.fold_bn(bn)
+    pooled.activation, pooled.returns_pooled = "silu", True
+
+    def eager():
+        y = apply_activation(bn(conv(x)), "silu")
+        return y, y.mean((2, 3), keepdim=True)
+
+    def separate():
+        y = fused(x)
+        return y, y.mean((2, 3), dtype=torch.float32)
+    fns = {"cudnn": eager, "cnnfuse_then_mean": separate, "cnnfuse": lambda: pooled(x)}
+    with torch.no_grad():
+        y, _ = fns[provider]()
+        replay = graph_callable(fns[provider])
+    flops = 2 * batch * y.shape[2] * y.shape[3] * cout * k[0] * k[1]
+    moved = 2 * (x.numel() + y.numel() + conv.weight.numel())  # the floor reads y no second time
     timed(replay, flops, moved)
