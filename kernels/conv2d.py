@@ -12,6 +12,10 @@ groups it spans, and the weight tile is masked to its block diagonal. Narrow gro
 4 to 32 channels) are thus packed several to a tile: every loaded byte is useful and the
 tensor cores still run, at the price of multiplying zeros, which a memory-bound layer affords.
 
+Pool in the load stage (POOL_IN): the input tile is the max or average of a window of x, so a
+pool and the 1x1 conv after it (Inception's pool projection) are one kernel; the window loops
+are the depthwise ones (DW), whose tile is a weighted sum of the same window instead.
+
 Pooling (POOL): the epilogue also adds the tile's stored values, divided by OH·OW, to a
 float32 (N, K) buffer: the squeeze of a squeeze-and-excitation block, without a pass over y.
 A row tile spans one image or a few (small maps), each summed apart and added atomically.
@@ -120,7 +124,8 @@ def _conv2d_kernel(
     pool_ptr, pool_scale,
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
-    DW: tl.constexpr, RD: tl.constexpr, SD: tl.constexpr, DW_BIAS: tl.constexpr,
+    DW: tl.constexpr, POOL_IN: tl.constexpr, RD: tl.constexpr, SD: tl.constexpr,
+    DW_BIAS: tl.constexpr,
     DW_ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -192,6 +197,32 @@ def _conv2d_kernel(
                     if DW_BIAS:
                         d += tl.load(dwb_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
                     d = apply_activation(d, DW_ACT)
+                    a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
+                elif POOL_IN != 0:  # x is the input of a pool whose output this conv reads:
+                    # max (1) or average over the window, padding counted (2) or not (3)
+                    d = tl.full((BLOCK_M, BLOCK_K), float("-inf") if POOL_IN == 1 else 0.0,
+                                tl.float32)
+                    taps = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    for rd in range(RD):
+                        ihd = oh * dw_sh - dw_pt + rd
+                        for sd in range(SD):
+                            iwd = ow * dw_sw - dw_pl + sd
+                            okd = mask_m & (ihd >= 0) & (ihd < XH) & (iwd >= 0) & (iwd < XW)
+                            xd = tl.load(x_ptr + (n * sxn + ihd.to(tl.int64) * sxh
+                                                  + iwd.to(tl.int64) * sxw)[:, None]
+                                         + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
+                                         other=float("-inf") if POOL_IN == 1 else 0.0)
+                            if POOL_IN == 1:
+                                d = tl.maximum(d, xd.to(tl.float32))
+                            else:
+                                d += xd.to(tl.float32)
+                            taps += okd.to(tl.float32)
+                    if POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the dot
+                        d = tl.where(d == float("-inf"), 0.0, d)
+                    elif POOL_IN == 2:
+                        d = d / (RD * SD)
+                    else:
+                        d = d / tl.maximum(taps, 1.0)[:, None]
                     a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
                 else:
                     a = tl.load(x_rows + cs[None, :] * sxc, mask=a_ok, other=0.0)
@@ -288,7 +319,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
                 K // groups)
         return args, dict(R=R, S=S, GROUPED=groups > 1, HAS_SCALE=input_scale is not None,
                           HAS_AFFINE=input_affine is not None, IN_ACT=input_act_code,
-                          DW=False, RD=1, SD=1, DW_BIAS=False, DW_ACT=0,
+                          DW=False, POOL_IN=0, RD=1, SD=1, DW_BIAS=False, DW_ACT=0,
                           HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
     return _launch(x, y, K, config, allow_tf32, build, pool)
 
@@ -315,8 +346,35 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_strid
                 *x.stride(), 0, 0, 0, 0, *weight.stride(), *res.stride(), *y.stride(),
                 1, 1, 0, 0, 1, 1, C, K)
         return args, dict(R=1, S=1, GROUPED=False, HAS_SCALE=False, HAS_AFFINE=False, IN_ACT=0,
-                          DW=True, RD=dw_weight.shape[2], SD=dw_weight.shape[3],
+                          DW=True, POOL_IN=0, RD=dw_weight.shape[2], SD=dw_weight.shape[3],
                           DW_BIAS=dw_bias is not None, DW_ACT=dw_act_code,
+                          HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
+    return _launch(x, y, K, config, allow_tf32, build)
+
+
+POOL_MODES = {"max": 1, "avg": 2, "avg_valid": 3}  # avg_valid: the padding is not counted
+
+
+def pool_conv2d(x: torch.Tensor, mode: str, kernel_size, stride, padding, weight: torch.Tensor,
+                bias, residual, y: torch.Tensor, act_code: int, config: Conv2dConfig,
+                allow_tf32: bool = True) -> torch.Tensor:
+    """A max or average pool (any window, stride, zero or -inf padding; padding =
+    (left, right, top, bottom)) and the 1x1 conv that reads it, as one kernel: the pooled tile
+    is computed as the conv's input loads and never goes to memory."""
+    N, C, XH, XW = x.shape
+    K = weight.shape[0]
+    OH, OW = y.shape[2:]
+
+    def build(y, precision, dot_fp32):
+        res = residual if residual is not None else y
+        args = (x, weight, bias if bias is not None else y, res, y, y, y, y, y,
+                N, C, OH, OW, K, OH, OW, XH, XW, 0, 0, 0,
+                stride[0], stride[1], padding[2], padding[0], 1, 1,
+                *x.stride(), 0, 0, 0, 0, *weight.stride(), *res.stride(), *y.stride(),
+                1, 1, 0, 0, 1, 1, C, K)
+        return args, dict(R=1, S=1, GROUPED=False, HAS_SCALE=False, HAS_AFFINE=False, IN_ACT=0,
+                          DW=False, POOL_IN=POOL_MODES[mode], RD=kernel_size[0],
+                          SD=kernel_size[1], DW_BIAS=False, DW_ACT=0,
                           HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
     return _launch(x, y, K, config, allow_tf32, build)
 
@@ -324,12 +382,13 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_strid
 def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
                   has_residual: bool = True, grouped: bool = False, has_scale: bool = False,
                   has_affine: bool = False, depthwise=None, pool: bool = False,
-                  capability: int = 90):
+                  pool_in=None, pool_window=None, capability: int = 90):
     """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
     constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_SCALE=has_scale,
                       HAS_AFFINE=has_affine, IN_ACT=1 if has_affine else 0,
-                      DW=depthwise is not None, RD=(depthwise or (1, 1))[0],
-                      SD=(depthwise or (1, 1))[1], DW_BIAS=depthwise is not None,
+                      DW=depthwise is not None, POOL_IN=POOL_MODES.get(pool_in, 0),
+                      RD=(depthwise or pool_window or (1, 1))[0],
+                      SD=(depthwise or pool_window or (1, 1))[1], DW_BIAS=depthwise is not None,
                       DW_ACT=2 if depthwise is not None else 0,
                       HAS_BIAS=True, HAS_RES=has_residual, POOL=pool,
                       ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",

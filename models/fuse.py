@@ -5,7 +5,9 @@ else each child in turn (the module tree), so a model with one untraceable block
 everywhere else. Per conv site, in order: Conv2d -> FusedConv2d, fold the BatchNorm that reads
 it, absorb the activation that reads that; then each residual add whose operand is a fused
 conv with nothing after it becomes that conv's epilogue (with the activation after the add);
-squeeze-and-excitation gates move into the next conv's load; concatenations (with the
+squeeze-and-excitation gates move into the next conv's load (their mean into the producing
+conv's epilogue); a depthwise conv or a pool and the 1x1 conv that reads it become one op;
+concatenations (with the
 channel shuffle after them) become one buffer that the producing convs write into; and
 sibling convs that read one tensor merge into one.
 """
@@ -21,7 +23,8 @@ from .concat import (cat_parts, channel_shuffle_after, concat_buffer, concat_res
 from .fused_conv import FusedConv2d
 from .patterns import (activation_of_module, activation_of_node, global_pool_input,
                        identity_at_inference, inference_passthrough, may_mutate, mul_operands,
-                       residual_operands)
+                       pool_window, residual_operands)
+from .pool_conv2d import FusedPoolConv2d, can_take
 from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
 from .separable import FusedSeparableConv2d, can_pair
@@ -225,6 +228,9 @@ class _GraphFuser:
         for node in list(self.graph.nodes):
             if isinstance(self._module(node), FusedConv2d):
                 self._fuse_separable(node)
+        for node in list(self.graph.nodes):
+            if pool_window(node, self.modules):
+                self._fuse_pool_conv(node)
         self._fuse_growing_concats()
         # Outer concatenations first, so one nested in another (Inception-v3's last blocks)
         # is spliced into it and its convs write into the outer buffer.
@@ -353,6 +359,24 @@ class _GraphFuser:
         pw_node.args = (dw_node.args[0],) + tuple(pw_node.args[1:])
         self.graph.erase_node(dw_node)
         self.report.add("depthwise + 1x1 in one op")
+
+    def _fuse_pool_conv(self, pool_node) -> None:
+        """Max or average pool → 1x1 conv that alone reads it (Inception's pool projection):
+        one FusedPoolConv2d in the conv's place."""
+        x, mode, kernel, stride, padding = pool_window(pool_node, self.modules)
+        conv_node = self._sole_user(pool_node)
+        conv = self._module(conv_node) if conv_node is not None else None
+        if not (isinstance(conv, FusedConv2d) and can_take(conv) and not conv_node.kwargs
+                and pool_node not in conv_node.args[1:]
+                and self.calls.get(pool_node.target, 1) == 1
+                and self.calls.get(conv_node.target, 1) == 1
+                and not self._mutation_between(pool_node, conv_node)):  # x is now read there
+            return
+        self._replace_module(conv_node.target,
+                             FusedPoolConv2d(mode, kernel, stride, padding, conv))
+        conv_node.args = (x,) + tuple(conv_node.args[1:])
+        self.graph.erase_node(pool_node)
+        self.report.add("pool + 1x1 in one op")
 
     def _fuse_residual(self, add) -> None:
         a, b = residual_operands(add)
@@ -634,7 +658,8 @@ class _GraphFuser:
         return parts, inner
 
     def _writes_concat_slice(self, part, parts) -> bool:
-        return (isinstance(self._module(part), (FusedConv2d, FusedSeparableConv2d))
+        return (isinstance(self._module(part), (FusedConv2d, FusedSeparableConv2d,
+                                                FusedPoolConv2d))
                 and len(part.users) == 1
                 and parts.count(part) == 1 and self.calls.get(part.target, 1) == 1
                 and "out" not in part.kwargs)

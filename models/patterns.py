@@ -170,3 +170,49 @@ def may_mutate(node: fx.Node, modules: dict) -> bool:
         return True
     position = _inplace_position(node.target) if callable(node.target) else None
     return position is not None and len(node.args) > position and bool(node.args[position])
+
+
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                  "divisor_override")
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def pool_window(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(input, mode, kernel, stride, (pad_h, pad_w)) for a 2-D max or average pool that
+    `ops.pool_conv2d` computes: no dilation, indices or divisor override, and floor-mode
+    output sizes (ceil mode only at stride 1, where the two agree). mode: max, avg (padding
+    counted in the divisor) or avg_valid. Else None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or len(node.args) != 1 or node.kwargs:
+            return None
+        names = _MAX_POOL_ARGS if isinstance(m, nn.MaxPool2d) else _AVG_POOL_ARGS
+        p = {name: getattr(m, name) for name in names}
+        is_max = isinstance(m, nn.MaxPool2d)
+    elif node.op == "call_function" and node.target in (F.max_pool2d, F.avg_pool2d):
+        is_max = node.target is F.max_pool2d
+        names = _MAX_POOL_ARGS if is_max else _AVG_POOL_ARGS
+        if len(node.args) - 1 > len(names) or set(node.kwargs) - set(names):
+            return None
+        p = dict(zip(names, node.args[1:]), **node.kwargs)
+    else:
+        return None
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or "kernel_size" not in p:
+        return None
+    kernel = _pair(p["kernel_size"])
+    stride = _pair(p.get("stride") or kernel)
+    padding = _pair(p.get("padding", 0))
+    if not all(isinstance(v, int) for v in kernel + stride + padding):
+        return None
+    if (_pair(p.get("dilation", 1)) != (1, 1) or p.get("return_indices")
+            or p.get("divisor_override") is not None
+            or (p.get("ceil_mode") and stride != (1, 1))
+            or padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2):
+        return None
+    mode = "max" if is_max else "avg" if p.get("count_include_pad", True) else "avg_valid"
+    return x, mode, kernel, stride, padding

@@ -105,6 +105,11 @@ def _describe(func, args, out) -> str:
                 f"{x.shape[1]}→{w.shape[0]} @{x.shape[2]}x{x.shape[3]} {act}")
         text += " +res" if args[10] is not None else ""
         return text + (" →slice" if name.endswith("_into") else "")
+    if func.namespace == "cnnfuse" and name.startswith("pool_conv2d"):
+        x, mode, window, stride, _, w, _, act = args[:8]
+        text = (f"{mode} pool {window[0]}x{window[1]}/{stride[0]} + 1x1 "
+                f"{x.shape[1]}→{w.shape[0]} @{x.shape[2]}x{x.shape[3]} {act}")
+        return text + (" →slice" if name.endswith("_into") else "")
     if func.namespace == "cnnfuse" and name == "se_gate":
         return f"se gate {args[0].shape[1]}→{args[1].shape[0]}→{args[0].shape[1]}"
     shapes = sorted((tuple(a.shape) for a in args if isinstance(a, torch.Tensor)),

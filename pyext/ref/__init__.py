@@ -3,7 +3,9 @@ from .activation import ACTIVATIONS, activation_code, apply_activation
 from .bias_act import bias_act
 from .conv2d import affine_act, conv2d, prologue, scale_channels
 from .depthwise_conv2d import depthwise_conv2d
+from .pool_conv2d import pool2d, pool_conv2d
 from .se_gate import se_gate
 
 __all__ = ["ACTIVATIONS", "activation_code", "affine_act", "apply_activation", "bias_act",
-           "conv2d", "depthwise_conv2d", "prologue", "scale_channels", "se_gate"]
+           "conv2d", "depthwise_conv2d", "pool2d", "pool_conv2d", "prologue", "scale_channels",
+           "se_gate"]

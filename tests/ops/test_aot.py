@@ -16,6 +16,8 @@ CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grou
     ("CONFIGS[4]", "float16", (1, 1), False, "affine"),
     ("CONFIGS[4]", "float16", (1, 1), False, "depthwise"),
     ("CONFIGS[0]", "float16", (1, 1), False, "pool"),
+    ("CONFIGS[4]", "float16", (1, 1), False, "max_pool_in"),
+    ("CONFIGS[4]", "bfloat16", (1, 1), False, "avg_valid_pool_in"),
     ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, ""),
     ("CONFIGS[5]", "float32", (7, 7), False, ""),
     ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, ""),
@@ -29,7 +31,9 @@ config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eva
 compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True",
                          has_scale=sys.argv[6] == "scale", has_affine=sys.argv[6] == "affine",
                          depthwise=(3, 3) if sys.argv[6] == "depthwise" else None,
-                         pool=sys.argv[6] == "pool")
+                         pool=sys.argv[6] == "pool",
+                         pool_in=sys.argv[6][:-8] if sys.argv[6].endswith("_pool_in") else None,
+                         pool_window=(3, 3))
 open(out + ".ptx", "w").write(compiled.asm["ptx"])
 open(out + ".cubin", "wb").write(compiled.asm["cubin"])
 """

@@ -1,0 +1,171 @@
+"""cnnfuse::pool_conv2d — a max or average pool and the 1x1 conv that reads it, in one kernel.
+
+    y = act(conv1x1(pool(x), weight) + bias + residual)
+
+Inception's pool projection (GoogLeNet's 3x3 max pool, Inception-v3's and v4's 3x3 average
+pool, each followed by a 1x1 conv): the pooled tile is computed as the conv's input loads
+(kernels/conv2d.py, `POOL_IN`), so the pooled tensor never goes to memory. The autotuner
+times that against the pool and the conv run one after the other and keeps the faster.
+"""
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import autotune, ref
+from ..backend import ran, requested_backend, triton_interpreting, warn_once
+from . import _check
+from .conv2d import _key, conv_flops, output_hw, run_tuned
+
+_tuner = autotune.Autotuner("pool_conv2d")
+MODES = ("max", "avg", "avg_valid")
+
+
+def pool_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                mode: str = "max", kernel_size: Union[int, Sequence[int]] = 3,
+                stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
+                activation: str = "none", residual: Optional[torch.Tensor] = None,
+                out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+    """conv1x1(pool(x)) with the conv's epilogue. mode: "max", "avg" (padding counted in the
+    divisor, PyTorch's count_include_pad=True) or "avg_valid" (not counted); kernel_size,
+    stride and padding as in F.max_pool2d (padding (h, w), at most half the window, floor
+    mode). weight (K, C, 1, 1). With `out` (N, C_total, OH, OW) the result lands in channels
+    [out_channel_offset, +K)."""
+    _check.tensor("x", x, 4)
+    _check.floating("x", x)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    kernel = _check.pair("kernel_size", kernel_size, 1)
+    stride = _check.pair("stride", stride, 1)
+    pad_hw = _check.pair("padding", padding, 0)
+    if pad_hw[0] > kernel[0] // 2 or pad_hw[1] > kernel[1] // 2:
+        raise ValueError(f"padding {pad_hw} exceeds half the pool window {kernel} "
+                         "(as F.max_pool2d requires)")
+    pads = [pad_hw[1], pad_hw[1], pad_hw[0], pad_hw[0]]
+    n, c, h, w = x.shape
+    oh, ow = output_hw(h, w, kernel, stride, pads, (1, 1))
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the pool's output would be {oh}x{ow}: input {h}x{w} is too small "
+                         f"for window {kernel} with padding {pad_hw}")
+    _check.tensor("weight", weight, 4)
+    _check.same_dtype("weight", weight, x)
+    _check.same_device("weight", weight, x)
+    if tuple(weight.shape[1:]) != (c, 1, 1):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected (K, {c}, 1, 1)")
+    ref.activation_code(activation)
+    shape = (n, weight.shape[0], oh, ow)
+    _check.epilogue(x, bias, residual, shape)
+    args = (x, mode, kernel, stride, pads, weight, bias, activation, residual)
+    if out is None:
+        return torch.ops.cnnfuse.pool_conv2d(*args)
+    _check.out_slice(out, x, shape, out_channel_offset)
+    torch.ops.cnnfuse.pool_conv2d_into(*args, out, out_channel_offset)
+    return out
+
+
+@torch.library.custom_op("cnnfuse::pool_conv2d", mutates_args=())
+def _pool_conv2d_op(x: torch.Tensor, pool_mode: str, kernel_size: list[int],
+                    stride: list[int], padding: list[int], weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], activation: str,
+                    residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _run(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, residual,
+                None)
+
+
+@torch.library.custom_op("cnnfuse::pool_conv2d_into", mutates_args=("out",))
+def _pool_conv2d_into_op(x: torch.Tensor, pool_mode: str, kernel_size: list[int],
+                         stride: list[int], padding: list[int], weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], activation: str,
+                         residual: Optional[torch.Tensor], out: torch.Tensor,
+                         out_channel_offset: int) -> None:
+    dest = out.narrow(1, out_channel_offset, weight.shape[0])
+    _run(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, residual, dest)
+
+
+def _empty_out(x, kernel_size, stride, padding, weight):
+    oh, ow = output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, (1, 1))
+    return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+@_pool_conv2d_op.register_fake
+def _(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, residual):
+    return _empty_out(x, kernel_size, stride, padding, weight)
+
+
+@_pool_conv2d_into_op.register_fake
+def _(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, residual, out,
+      out_channel_offset):
+    return None
+
+
+@register_flop_formula([torch.ops.cnnfuse.pool_conv2d, torch.ops.cnnfuse.pool_conv2d_into])
+def _(x, pool_mode, kernel_size, stride, padding, weight, *rest, out_shape=None, **kwargs):
+    oh, ow = output_hw(x[2], x[3], kernel_size, stride, padding, (1, 1))
+    return conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _hw(padding):  # (left, right, top, bottom) -> the (h, w) a PyTorch pool takes
+    return padding[2], padding[0]
+
+
+def _two_ops(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
+    """PyTorch's pool, then the 1x1 conv on its own fastest backend."""
+    from .conv2d import conv2d
+    pooled = ref.pool2d(x, mode, kernel_size, stride, _hw(padding))
+    return conv2d(pooled, weight, bias, activation=activation, residual=residual,
+                  **({} if dest is None else dict(out=dest)))
+
+
+def _reference(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
+    y = ref.pool_conv2d(x, mode, kernel_size, stride, _hw(padding), weight, bias, activation,
+                        residual)
+    return y if dest is None else dest.copy_(y)
+
+
+def _triton(config, x, mode, kernel_size, stride, padding, weight, bias, activation, residual,
+            dest):
+    from ..kernels import conv2d as kernel
+    y = dest if dest is not None else _empty_out(x, kernel_size, stride, padding, weight)
+    return kernel.pool_conv2d(x, mode, kernel_size, stride, padding, weight, bias, residual, y,
+                              ref.activation_code(activation), config,
+                              torch.backends.cudnn.allow_tf32)
+
+
+def _run(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
+    backend = requested_backend()
+    if x.device.type == "cuda" and x.stride(1) != 1 and x.shape[1] > 1:
+        warn_once("pool_conv2d: input is not channels_last; converting it costs a copy")
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest)
+    if x.device.type != "cuda":
+        if backend == "triton" and triton_interpreting():
+            from ..kernels import conv2d as kernel
+            ran("pool_conv2d", "Triton (interpreter)")
+            return _triton(kernel.INTERPRETER_CONFIG, *args)
+        if backend == "cuda":
+            ran("pool_conv2d", "two ops (CPU build)")
+            return _two_ops(*args)
+        ran("pool_conv2d", "reference")
+        return _reference(*args)
+    if backend == "reference":
+        ran("pool_conv2d", "reference")
+        return _reference(*args)
+    candidates = {}
+    if backend in ("auto", "triton"):
+        from ..kernels import conv2d as kernel
+        oh, ow = output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, (1, 1))
+        m, k, c = x.shape[0] * oh * ow, weight.shape[0], x.shape[1]
+        for cfg in kernel.candidate_configs(m, k, c):
+            candidates[cfg.name] = functools.partial(_triton, cfg, *args)
+        default = kernel.default_config(m, k, c).name
+    if backend in ("auto", "cuda"):
+        candidates["two_ops"] = functools.partial(_two_ops, *args)
+        default = "two_ops" if backend == "cuda" else default
+    key = (_key(x, weight, bias, stride, padding, (1, 1), 1, activation, residual, dest)
+           + f" | {mode} pool {list(kernel_size)}")
+    return run_tuned(_tuner, key, candidates, lambda: _reference(*args[:-1], None), x.dtype,
+                     default)
