@@ -108,7 +108,7 @@ def _round_to_bf16(v):
     """float32 -> the nearest bfloat16 (ties to even), kept in float32."""
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
 
 
 @triton.jit

@@ -386,8 +386,9 @@ class _GraphFuser:
             if (isinstance(fused, FusedConv2d) and not fused.has_residual
                     and fused.activation == "none" and len(conv_node.users) == 1
                     and conv_node is not other
-                    # an in-place add into `other` is visible to its later readers
-                    and not (in_place and other is a and len(other.users) > 1)):
+                    # an in-place add into `other` is visible to whatever else reads it,
+                    # the tensors it is a view of included
+                    and not (in_place and other is a)):
                 break
         else:
             return
@@ -439,6 +440,7 @@ class _GraphFuser:
             else:
                 scale = self.graph.call_function(channel_scale, (x, gate_node))
                 mul.replace_all_uses_with(scale)
+                self._reshape_not_view(scale)
         for node in (mul, fc2_node, fc1_node, pool):
             self.graph.erase_node(node)
         if scale is not None:
@@ -454,10 +456,9 @@ class _GraphFuser:
             return
         other = operands[1] if operands[0] is scale else operands[0]
         in_place = add.target in ("add_",) or getattr(add.target, "__name__", "") == "iadd"
-        # an in-place add into `other` is visible to its later readers; and x is now read at
-        # the add, so nothing in between may write it
-        if (in_place and other is operands[0] and len(other.users) > 1) \
-                or self._mutation_between(scale, add):
+        # an in-place add into `other` is visible to whatever else reads it (the tensors it is
+        # a view of included); and x is now read at the add, so nothing in between may write it
+        if (in_place and other is operands[0]) or self._mutation_between(scale, add):
             return
         act_node = self._sole_user(add)
         act = activation_of_node(act_node, self.modules) if act_node is not None else None
@@ -467,6 +468,7 @@ class _GraphFuser:
         (act_node if act else add).replace_all_uses_with(fused)
         for node in ([act_node] if act else []) + [add, scale]:
             self.graph.erase_node(node)
+        self._reshape_not_view(fused)
         self.report.add("se scale + residual add" + (f" + {act}" if act else ""))
 
     def _pool_in_producer(self, x, gate_node, se: FusedSqueezeExcite) -> None:

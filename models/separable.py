@@ -18,6 +18,7 @@ def can_pair(dw: FusedConv2d, pw: FusedConv2d) -> bool:
             and pw.kernel_size == (1, 1) and pw.stride == (1, 1) and not any(pw.padding)
             and pw.groups == 1 and pw.in_channels == dw.out_channels
             and not pw.has_input_scale and pw.input_affine is None
+            and not dw.returns_pooled and not pw.returns_pooled  # one output each
             and dw.weight.dtype == pw.weight.dtype)
 
 

@@ -66,7 +66,9 @@ def channel_scale(x: torch.Tensor, gate: torch.Tensor, residual=None,
         warn_once("channel_scale: a broadcast or mixed-dtype residual; adding it outside the "
                   "kernel")
         return apply_activation(x * gate.to(x.dtype)[:, :, None, None] + residual, activation)
-    return ops.bias_act(x, None, residual, activation=activation, scale=gate)
+    # in x's layout, as `x * gate` was: a `.view` after it must still work
+    return ops.bias_act(x, None, residual, activation=activation, scale=gate,
+                        out=torch.empty_like(x))
 
 
 def is_gate_conv(m) -> bool:

@@ -19,16 +19,17 @@ __global__ void __launch_bounds__(kThreads)
   if (o.pool == nullptr) return;
   // The block's lanes hold partial sums of the same vb vectors: add them up in shared memory,
   // then one atomic per channel.
-  extern __shared__ float partial[];  // threads x VEC
+  extern __shared__ float partial[];  // VEC x threads: consecutive threads, consecutive banks
+  const int64_t threads = blockDim.x;  // = g.threads()
 #pragma unroll
-  for (int j = 0; j < V::vec; ++j) partial[threadIdx.x * V::vec + j] = sum[j];
+  for (int j = 0; j < V::vec; ++j) partial[j * threads + threadIdx.x] = sum[j];
   __syncthreads();
   if (threadIdx.x >= g.vb || k0 >= p.K) return;
 #pragma unroll
   for (int j = 0; j < V::vec; ++j) {
     float total = 0.f;
     for (int64_t lane = 0; lane < g.lanes; ++lane)
-      total += partial[(lane * g.vb + threadIdx.x) * V::vec + j];
+      total += partial[j * threads + lane * g.vb + threadIdx.x];
     atomicAdd(o.pool + n * p.K + k0 + j, total * p.pool_scale);
   }
 }
@@ -44,6 +45,7 @@ void depthwise_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   const bool wide = dw_wide(x, weight, residual, out);
   float* pool_sums = dw_pool(pool, out);
+  if (p.N * p.K * p.OH * p.OW == 0) return;  // nothing to compute (a zeroed pool stays so)
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d",
                                   [&] {
@@ -59,7 +61,6 @@ void depthwise_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
       // several strips and the pool's atomics stay few.
       const DwGrid g = dw_grid<V>(p, kThreads, int64_t(sms) * 8 * 4);
       const int64_t blocks = g.blocks(p.N);
-      if (blocks == 0 || g.strips == 0) return;
       TORCH_CHECK(blocks < (int64_t(1) << 31), "depthwise_conv2d: output too large");
       const size_t shared = pool_sums ? g.threads() * V::vec * sizeof(float) : 0;
       depthwise_conv2d_kernel<scalar_t, V>

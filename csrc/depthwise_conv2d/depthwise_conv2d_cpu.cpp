@@ -104,6 +104,7 @@ void depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                out);
   const bool wide = dw_wide(x, weight, residual, out);
   float* pool_sums = dw_pool(pool, out);
+  if (p.N * p.K * p.OH * p.OW == 0) return;  // nothing to compute (a zeroed pool stays so)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "depthwise_conv2d",
                                   [&] {
     const DwOperands<scalar_t> o = dw_operands<scalar_t>(x, weight, bias, residual, out,

@@ -295,9 +295,22 @@ class Promoting(nn.Module):
         return torch.cat([self.a(x), self.b(x).double()], 1)
 
 
+class ResidualAddIntoView(nn.Module):
+    """`view.add_(conv(x))` writes into the tensor the view is part of: not an epilogue."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.other = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 12, 1)
+
+    def forward(self, x):
+        big = self.other(x) * 1.0
+        big.narrow(1, 2, 4).add_(self.conv(x))
+        return big
+
+
 @pytest.mark.parametrize("model", [Nested3, SiblingFeedsSiblings, WriterInputChangedInPlace,
                                    SiblingsAcrossInPlace, DensePrefixChangedInPlace,
-                                   BatchSplitNotShuffle, CatOut, ShuffleThenView, Promoting],
+                                   BatchSplitNotShuffle, CatOut, ShuffleThenView, Promoting,
+                                   ResidualAddIntoView],
                          ids=lambda m: m.__name__)
 def test_hazard(model):
     m = model().eval()

@@ -131,3 +131,66 @@ def test_gate_module_checks_its_input():
     se.takes_pooled = True
     with pytest.raises(ValueError, match="expected \\(N, C\\) means"):
         se(torch.randn(2, 12, 3, 3))
+
+
+class SeparableThenSE(nn.Module):
+    """depthwise → 1x1 → SE → 1x1: the 1x1 returns the mean, so it stays apart from the
+    depthwise conv (a depthwise + 1x1 pair has one output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.pw, self.bn2 = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.fc1, self.fc2 = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.proj = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = self.bn2(self.pw(torch.relu(self.bn1(self.dw(x)))))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.proj(y * gate)
+
+
+class AddIntoView(nn.Module):
+    """An SE tail whose in-place add writes into a view of another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(channels=8)
+        self.other = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        b = self.block
+        y = b.act(b.bn(b.conv(x)))
+        gate = torch.sigmoid(b.fc2(torch.relu(b.fc1(y.mean((2, 3), keepdim=True)))))
+        big = self.other(x) * 1.0
+        big.narrow(1, 0, 8).add_(y * gate)  # eager writes into big's first 8 channels
+        return big
+
+
+class ViewAfterScale(nn.Module):
+    """A `.view` of the gated tensor (SE-ResNet's tail, then a flatten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block(channels=8)
+
+    def forward(self, x):
+        b = self.block
+        y = b.act(b.bn(b.conv(x)))
+        gate = torch.sigmoid(b.fc2(torch.relu(b.fc1(y.mean((2, 3), keepdim=True)))))
+        out = torch.relu(y * gate + x)
+        return out.view(out.shape[0], -1)
+
+
+# (eager's own .view of a channels_last result fails, so ViewAfterScale takes NCHW only)
+@pytest.mark.parametrize("model, layout", [
+    (SeparableThenSE, "nchw"), (SeparableThenSE, "nhwc"), (AddIntoView, "nchw"),
+    (AddIntoView, "nhwc"), (ViewAfterScale, "nchw")], ids=lambda v: getattr(v, "__name__", v))
+def test_review_hazards(model, layout):
+    m = randomize_batchnorm(model()).eval()
+    x = torch.randn(3, 8, 7, 5)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = m(x.clone()), cnnfuse.fuse(m)(x.clone())
+    assert relative_error(got, expected) < 2e-5

@@ -127,6 +127,15 @@ def test_pool_buffer_is_overwritten():
     assert_mean_of(pool, out)
 
 
+def test_empty_output():
+    """An image with no rows: nothing to compute, no division by the zero-sized grid."""
+    x, w = torch.randn(1, 8, 0, 5), pack_weight(torch.randn(8, 1, 3, 3))
+    out, pool = torch.empty(1, 8, 0, 5), torch.full((1, 8), float("nan"))
+    torch.ops.cnnfuse.depthwise_conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 0, None, out,
+                                       pool)
+    assert (pool == 0).all()
+
+
 def test_conv2d_routes_depthwise_to_the_kernel(backend, monkeypatch):
     """conv2d with groups == C runs this kernel under CNNFUSE_BACKEND=cuda (its CPU build)."""
     conv2d_module = sys.modules["cnnfuse.ops.conv2d"]  # the package exports a function of that name
