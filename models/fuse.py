@@ -85,6 +85,9 @@ def _fuse(model: nn.Module, inplace: bool):
 
 
 def _unsupported_conv(conv: nn.Conv2d) -> Optional[str]:
+    if type(conv).forward is not nn.Conv2d.forward:
+        return (f"{type(conv).__name__} has a forward of its own (e.g. padding that depends "
+                "on the input size); kept as is")
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zeros padding is fused)"
     if conv.weight.dtype not in _DTYPES:
