@@ -212,13 +212,15 @@ def _conv2d_kernel(
                                                   + iwd.to(tl.int64) * sxw)[:, None]
                                          + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
                                          other=float("-inf") if POOL_IN == 1 else 0.0)
-                            if POOL_IN == 1:
-                                d = tl.maximum(d, xd.to(tl.float32))
+                            if POOL_IN == 1:  # NaN wins, as in PyTorch's max pool
+                                d = tl.maximum(d, xd.to(tl.float32),
+                                               propagate_nan=tl.PropagateNan.ALL)
                             else:
                                 d += xd.to(tl.float32)
                             taps += okd.to(tl.float32)
-                    if POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the dot
-                        d = tl.where(d == float("-inf"), 0.0, d)
+                    if POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the
+                        # dot (a window inside the tensor has a real tap: padding <= half of it)
+                        d = tl.where(mask_m[:, None] & c_ok[None, :], d, 0.0)
                     elif POOL_IN == 2:
                         d = d / (RD * SD)
                     else:

@@ -177,8 +177,14 @@ _AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_includ
                   "divisor_override")
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _pair(v) -> Optional[tuple]:
+    """(a, b) from an int or a sequence of one or two ints; None for anything else (a size
+    computed in the graph, say)."""
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(isinstance(i, int) for i in v):
+        return (v[0], v[-1])
+    return None
 
 
 def pool_window(node: fx.Node, modules: dict) -> Optional[tuple]:
@@ -205,9 +211,9 @@ def pool_window(node: fx.Node, modules: dict) -> Optional[tuple]:
     if not isinstance(x, fx.Node) or "kernel_size" not in p:
         return None
     kernel = _pair(p["kernel_size"])
-    stride = _pair(p.get("stride") or kernel)
+    stride = _pair(p.get("stride") or kernel) if kernel else None
     padding = _pair(p.get("padding", 0))
-    if not all(isinstance(v, int) for v in kernel + stride + padding):
+    if kernel is None or stride is None or padding is None:
         return None
     if (_pair(p.get("dilation", 1)) != (1, 1) or p.get("return_indices")
             or p.get("divisor_override") is not None

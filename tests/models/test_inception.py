@@ -72,3 +72,25 @@ def test_pool_projection(variant, fused, backend_name, monkeypatch):
     assert report.fused["pool + 1x1 in one op"] == fused
     if fused:
         assert report.fused["conv writes its concat slice"] == 2
+
+
+class PoolSizedInGraph(nn.Module):
+    """Pools whose window is computed in the graph, or given as a one-element list: not what
+    pool_conv2d takes (or, for the list, taken as the pair it means)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d([3], [1], [1])
+        self.a, self.b, self.c = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        return (self.a(F.avg_pool2d(x, x.size()[2:])) + self.b(F.max_pool2d(x, x.size(2)))
+                + self.c(self.pool(x)))
+
+
+def test_pool_sizes_computed_in_the_graph():
+    model = PoolSizedInGraph().eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert relative_error(cnnfuse.fuse(model)(x), model(x)) < 2e-5
+    assert cnnfuse.explain(model).fused["pool + 1x1 in one op"] == 1  # the list form

@@ -97,6 +97,24 @@ def test_slice_of_a_poisoned_buffer(mode, backend):
                               torch_chain(case, x, weight, bias, r, torch.float64))
 
 
+@pytest.mark.parametrize("mode", ["reference", "triton", "cuda"])
+def test_max_keeps_nan_and_inf(mode, backend):
+    """A NaN in a window makes its max NaN, and a window of -inf has max -inf, as PyTorch's."""
+    if mode == "triton" and not triton_runnable():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    backend(mode)
+    case = CASES[0]
+    x, weight, bias = make(case, torch.float32)
+    x[0, 1, 3, 4] = float("nan")
+    x[1, :, 2:6, 2:7] = float("-inf")
+    weight = weight.abs()  # so an -inf input gives an -inf output, not NaN from -inf + inf
+    r = torch.zeros(out_shape(case))
+    got = run(case, x, weight, bias, r)
+    want = torch_chain(case, x, weight, bias, r, torch.float32)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+
+
 def test_opcheck():
     case = CASES[4]
     x, weight, bias = make(case, torch.float32)
