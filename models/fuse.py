@@ -21,9 +21,9 @@ from torch import fx, nn
 from .concat import (cat_parts, channel_shuffle_after, concat_buffer, concat_result, copy_into,
                      erase_unused, growing_buffer, ready)
 from .fused_conv import FusedConv2d
-from .patterns import (activation_of_module, activation_of_node, global_pool_input,
-                       identity_at_inference, inference_passthrough, may_mutate, mul_operands,
-                       pool_window, residual_operands)
+from .patterns import (activation_of_module, activation_of_node, adds_in_place,
+                       global_pool_input, identity_at_inference, inference_passthrough,
+                       may_mutate, mul_operands, pool_window, residual_operands)
 from .pool_conv2d import FusedPoolConv2d, can_take
 from .squeeze_excite import FusedSqueezeExcite, channel_scale, is_gate_conv
 from .report import FusionReport
@@ -382,7 +382,7 @@ class _GraphFuser:
 
     def _fuse_residual(self, add) -> None:
         a, b = residual_operands(add)
-        in_place = add.target in ("add_",) or getattr(add.target, "__name__", "") == "iadd"
+        in_place = adds_in_place(add)
         for conv_node, other in ((a, b), (b, a)):
             fused = self._module(conv_node)
             if (isinstance(fused, FusedConv2d) and not fused.has_residual
@@ -457,7 +457,7 @@ class _GraphFuser:
         if not operands or operands[0] is operands[1]:
             return
         other = operands[1] if operands[0] is scale else operands[0]
-        in_place = add.target in ("add_",) or getattr(add.target, "__name__", "") == "iadd"
+        in_place = adds_in_place(add)
         # an in-place add into `other` is visible to whatever else reads it (the tensors it is
         # a view of included); and x is now read at the add, so nothing in between may write it
         if (in_place and other is operands[0]) or self._mutation_between(scale, add):

@@ -23,6 +23,22 @@ def _describe(r) -> str:
     return f"{tuple(r.shape)} {r.dtype}" if isinstance(r, torch.Tensor) else type(r).__name__
 
 
+def with_epilogue(module: nn.Module, op, x: torch.Tensor, residual, out, activation: str):
+    """op(activation=, residual=, out=) for a fused pair (FusedSeparableConv2d,
+    FusedPoolConv2d) whose second conv ends in `activation`; a broadcast or mixed-dtype
+    residual is added outside the kernel (exact, just not fused): op() then the add."""
+    name = type(module).__name__
+    if module.has_residual != (residual is not None):
+        raise ValueError(f"{name} was built with has_residual={module.has_residual} but "
+                         f"forward got residual={'a tensor' if residual is not None else 'None'}")
+    if residual is not None and not _fits(residual, x, module):
+        warn_once(f"{name}: residual {_describe(residual)} does not match the output; adding "
+                  "it outside the kernel")
+        y = apply_activation(op() + residual, activation)
+        return y if out is None else out.copy_(y)
+    return op(activation=activation, residual=residual, out=out)
+
+
 def bn_affine(bn: nn.BatchNorm2d) -> tuple:
     """An eval-mode BatchNorm as y = x · scale + shift, per channel, in float64."""
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)

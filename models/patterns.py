@@ -98,6 +98,11 @@ def residual_operands(node: fx.Node) -> Optional[tuple]:
     return a, b
 
 
+def adds_in_place(node: fx.Node) -> bool:
+    """Whether an add that residual_operands matched writes into its first operand."""
+    return node.target == "add_" or node.target is operator.iadd
+
+
 _MUL_FUNCTIONS = (operator.mul, torch.mul)
 
 

@@ -1,13 +1,13 @@
 """FusedPoolConv2d: a max or average pool and the 1x1 conv that reads it (Inception's pool
 projection), through `cnnfuse.ops.pool_conv2d` (one kernel where that measures faster)."""
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..ref import apply_activation
-from .fused_conv import FusedConv2d, _fits
+from .fused_conv import FusedConv2d, with_epilogue
 
 
 def can_take(conv: FusedConv2d) -> bool:
@@ -40,19 +40,10 @@ class FusedPoolConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         conv = self.conv
-        if conv.has_residual != (residual is not None):
-            raise ValueError(f"FusedPoolConv2d was built with has_residual={conv.has_residual} "
-                             f"but forward got residual="
-                             f"{'a tensor' if residual is not None else 'None'}")
-        pool = dict(mode=self.mode, kernel_size=self.pool_kernel, stride=self.pool_stride,
-                    padding=self.pool_padding)
-        if residual is not None and not _fits(residual, x, self):
-            # A broadcast or mixed-dtype add: exact, just not fused.
-            y = ops.pool_conv2d(x, conv.weight, conv.bias, **pool)
-            y = apply_activation(y + residual, conv.activation)
-            return y if out is None else out.copy_(y)
-        return ops.pool_conv2d(x, conv.weight, conv.bias, **pool, activation=conv.activation,
-                               residual=residual, out=out)
+        op = functools.partial(ops.pool_conv2d, x, conv.weight, conv.bias, mode=self.mode,
+                               kernel_size=self.pool_kernel, stride=self.pool_stride,
+                               padding=self.pool_padding)
+        return with_epilogue(self, op, x, residual, out, conv.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.mode} pool {self.pool_kernel}, stride={self.pool_stride}, "

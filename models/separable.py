@@ -1,13 +1,13 @@
 """FusedSeparableConv2d: a depthwise conv and the 1x1 conv that reads it, through
 `cnnfuse.ops.separable_conv2d` (one kernel where that measures faster)."""
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..ref import apply_activation
-from .fused_conv import FusedConv2d, _fits
+from .fused_conv import FusedConv2d, with_epilogue
 
 
 def can_pair(dw: FusedConv2d, pw: FusedConv2d) -> bool:
@@ -45,17 +45,7 @@ class FusedSeparableConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         dw, pw = self.depthwise, self.pointwise
-        if pw.has_residual != (residual is not None):
-            raise ValueError(f"FusedSeparableConv2d was built with has_residual="
-                             f"{pw.has_residual} but forward got residual="
-                             f"{'a tensor' if residual is not None else 'None'}")
-        if residual is not None and not _fits(residual, x, self):
-            # A broadcast or mixed-dtype add: exact, just not fused.
-            y = ops.separable_conv2d(x, dw.weight, dw.bias, pw.weight, pw.bias, dw.stride,
-                                     list(dw.padding), dw.dilation,
-                                     dw_activation=dw.activation)
-            y = apply_activation(y + residual, pw.activation)
-            return y if out is None else out.copy_(y)
-        return ops.separable_conv2d(x, dw.weight, dw.bias, pw.weight, pw.bias, dw.stride,
-                                    list(dw.padding), dw.dilation, dw_activation=dw.activation,
-                                    activation=pw.activation, residual=residual, out=out)
+        op = functools.partial(ops.separable_conv2d, x, dw.weight, dw.bias, pw.weight, pw.bias,
+                               dw.stride, list(dw.padding), dw.dilation,
+                               dw_activation=dw.activation)
+        return with_epilogue(self, op, x, residual, out, pw.activation)

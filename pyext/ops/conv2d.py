@@ -388,6 +388,43 @@ def _with_pool_result(fn, pool):
     return fn(), pool
 
 
+def run_pair(tuner: autotune.Autotuner, args: tuple, out_hw: tuple, out_channels: int, key_of,
+             triton, two_ops, reference):
+    """Dispatch of an op that feeds a 1x1 conv from a window of x (separable_conv2d,
+    pool_conv2d): one Triton kernel per tile config, or `two_ops`, whichever the autotuner
+    measures faster. args = (x, ..., dest) is what triton (after its config), two_ops and
+    reference take; key_of(args) names the shape for the autotuner, once x is channels_last."""
+    op, backend, x = tuner.op, requested_backend(), args[0]
+    if x.device.type == "cuda" and x.stride(1) != 1 and x.shape[1] > 1:
+        warn_once(f"{op}: input is not channels_last; converting it costs a copy")
+        args = (x.contiguous(memory_format=torch.channels_last),) + args[1:]
+        x = args[0]
+    if x.device.type != "cuda":
+        if backend == "triton" and triton_interpreting():
+            from ..kernels import conv2d as kernel
+            ran(op, "Triton (interpreter)")
+            return triton(kernel.INTERPRETER_CONFIG, *args)
+        if backend == "cuda":
+            ran(op, "two ops (CPU build)")
+            return two_ops(*args)
+        backend = "reference"
+    if backend == "reference":
+        ran(op, "reference")
+        return reference(*args)
+    candidates = {}
+    if backend in ("auto", "triton"):
+        from ..kernels import conv2d as kernel
+        m, k, c = x.shape[0] * out_hw[0] * out_hw[1], out_channels, x.shape[1]
+        for cfg in kernel.candidate_configs(m, k, c):
+            candidates[cfg.name] = functools.partial(triton, cfg, *args)
+        default = kernel.default_config(m, k, c).name
+    if backend in ("auto", "cuda"):
+        candidates["two_ops"] = functools.partial(two_ops, *args)
+        default = "two_ops" if backend == "cuda" else default
+    return run_tuned(tuner, key_of(args), candidates, lambda: reference(*args[:-1], None),
+                     x.dtype, default)
+
+
 def run_tuned(tuner: autotune.Autotuner, key: str, candidates: dict, reference, dtype,
               default: str):
     """Run the candidate the autotuner picks (timed once per key, checked against

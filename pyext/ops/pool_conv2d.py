@@ -7,16 +7,14 @@ pool, each followed by a 1x1 conv): the pooled tile is computed as the conv's in
 (kernels/conv2d.py, `POOL_IN`), so the pooled tensor never goes to memory. The autotuner
 times that against the pool and the conv run one after the other and keeps the faster.
 """
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import autotune, ref
-from ..backend import ran, requested_backend, triton_interpreting, warn_once
 from . import _check
-from .conv2d import _key, conv_flops, output_hw, run_tuned
+from .conv2d import _key, conv_flops, output_hw, run_pair
 
 _tuner = autotune.Autotuner("pool_conv2d")
 MODES = ("max", "avg", "avg_valid")
@@ -136,36 +134,10 @@ def _triton(config, x, mode, kernel_size, stride, padding, weight, bias, activat
 
 
 def _run(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
-    backend = requested_backend()
-    if x.device.type == "cuda" and x.stride(1) != 1 and x.shape[1] > 1:
-        warn_once("pool_conv2d: input is not channels_last; converting it costs a copy")
-        x = x.contiguous(memory_format=torch.channels_last)
+    def key(args):
+        x, dest = args[0], args[-1]
+        return (_key(x, weight, bias, stride, padding, (1, 1), 1, activation, residual, dest)
+                + f" | {mode} pool {list(kernel_size)}")
     args = (x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest)
-    if x.device.type != "cuda":
-        if backend == "triton" and triton_interpreting():
-            from ..kernels import conv2d as kernel
-            ran("pool_conv2d", "Triton (interpreter)")
-            return _triton(kernel.INTERPRETER_CONFIG, *args)
-        if backend == "cuda":
-            ran("pool_conv2d", "two ops (CPU build)")
-            return _two_ops(*args)
-        ran("pool_conv2d", "reference")
-        return _reference(*args)
-    if backend == "reference":
-        ran("pool_conv2d", "reference")
-        return _reference(*args)
-    candidates = {}
-    if backend in ("auto", "triton"):
-        from ..kernels import conv2d as kernel
-        oh, ow = output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, (1, 1))
-        m, k, c = x.shape[0] * oh * ow, weight.shape[0], x.shape[1]
-        for cfg in kernel.candidate_configs(m, k, c):
-            candidates[cfg.name] = functools.partial(_triton, cfg, *args)
-        default = kernel.default_config(m, k, c).name
-    if backend in ("auto", "cuda"):
-        candidates["two_ops"] = functools.partial(_two_ops, *args)
-        default = "two_ops" if backend == "cuda" else default
-    key = (_key(x, weight, bias, stride, padding, (1, 1), 1, activation, residual, dest)
-           + f" | {mode} pool {list(kernel_size)}")
-    return run_tuned(_tuner, key, candidates, lambda: _reference(*args[:-1], None), x.dtype,
-                     default)
+    out_hw = output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, (1, 1))
+    return run_pair(_tuner, args, out_hw, weight.shape[0], key, _triton, _two_ops, _reference)

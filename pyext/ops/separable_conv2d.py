@@ -7,16 +7,14 @@ convs) is computed tile by tile as the 1x1 conv's input loads (kernels/conv2d.py
 it never goes to memory. The autotuner times that against the two ops run one after the
 other and keeps the fused kernel only where it is faster.
 """
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import autotune, ref
-from ..backend import ran, requested_backend, triton_interpreting, warn_once
 from . import _check
-from .conv2d import _key, conv_flops, output_hw, plan, run_tuned
+from .conv2d import _key, conv_flops, output_hw, plan, run_pair
 
 _tuner = autotune.Autotuner("separable_conv2d")
 
@@ -135,40 +133,14 @@ def _triton(config, x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, d
 
 def _run(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight, bias,
          activation, residual, dest):
-    backend = requested_backend()
-    if x.device.type == "cuda" and x.stride(1) != 1 and x.shape[1] > 1:
-        warn_once("separable_conv2d: input is not channels_last; converting it costs a copy")
-        x = x.contiguous(memory_format=torch.channels_last)
+    def key(args):
+        x, dest = args[0], args[-1]
+        return (_key(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, x.shape[1],
+                     dw_activation, None, dest)
+                + f" | pw w{list(weight.shape)} {activation} bias={bias is not None} "
+                  f"res={residual is not None}")
     args = (x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight,
             bias, activation, residual, dest)
-    if x.device.type != "cuda":
-        if backend == "triton" and triton_interpreting():
-            from ..kernels import conv2d as kernel
-            ran("separable_conv2d", "Triton (interpreter)")
-            return _triton(kernel.INTERPRETER_CONFIG, *args)
-        if backend == "cuda":
-            ran("separable_conv2d", "two ops (CPU build)")
-            return _two_ops(*args)
-        ran("separable_conv2d", "reference")
-        return _reference(*args)
-    if backend == "reference":
-        ran("separable_conv2d", "reference")
-        return _reference(*args)
-    candidates = {}
-    if backend in ("auto", "triton"):
-        from ..kernels import conv2d as kernel
-        oh, ow = output_hw(x.shape[2], x.shape[3], dw_weight.shape[2:], dw_stride, dw_padding,
-                           dw_dilation)
-        m, k, c = x.shape[0] * oh * ow, weight.shape[0], x.shape[1]
-        for cfg in kernel.candidate_configs(m, k, c):
-            candidates[cfg.name] = functools.partial(_triton, cfg, *args)
-        default = kernel.default_config(m, k, c).name
-    if backend in ("auto", "cuda"):
-        candidates["two_ops"] = functools.partial(_two_ops, *args)
-        default = "two_ops" if backend == "cuda" else default
-    key = (_key(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, x.shape[1],
-                dw_activation, None, dest)
-           + f" | pw w{list(weight.shape)} {activation} bias={bias is not None} "
-             f"res={residual is not None}")
-    return run_tuned(_tuner, key, candidates, lambda: _reference(*args[:-1], None), x.dtype,
-                     default)
+    out_hw = output_hw(x.shape[2], x.shape[3], dw_weight.shape[2:], dw_stride, dw_padding,
+                       dw_dilation)
+    return run_pair(_tuner, args, out_hw, weight.shape[0], key, _triton, _two_ops, _reference)
