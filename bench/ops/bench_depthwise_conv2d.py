@@ -42,21 +42,33 @@ def _id(item):
     return f"{name}-{cin}x{h}x{w}-{cout}-{k[0]}x{k[1]}s{s[0]}g{g}"
 
 
-@pytest.mark.parametrize("provider", ["cudnn", "cudnn_conv_only", "cnnfuse"])
-@pytest.mark.parametrize("batch", [1, 128])
-@pytest.mark.parametrize("layer", SHAPES, ids=[_id(s) for s in SHAPES])
-def test_grouped_bn_act(layer, batch, provider, timed):
-    name, (cin, cout, k, stride, pad, groups, h, w) = layer
-    act = MODELS[name]
+def _layer(layer, batch: int):
+    """A random fp16 NHWC input, the conv and a BatchNorm with random statistics."""
+    _, (cin, cout, k, stride, pad, groups, h, w) = layer
     dev, dt = "cuda", torch.float16
     x = torch.randn(batch, cin, h, w, device=dev, dtype=dt).contiguous(
         memory_format=torch.channels_last)
     conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False).to(
         dev, dt, memory_format=torch.channels_last)
     bn = zoo.randomize_batchnorm(nn.BatchNorm2d(cout)).to(dev, dt).eval()
+    return x, conv, bn
+
+
+def _fused(conv, bn, act: str, returns_pooled: bool = False) -> FusedConv2d:
     fused = FusedConv2d.from_conv(conv)
     fused.fold_bn(bn)
-    fused.activation = act
+    fused.activation, fused.returns_pooled = act, returns_pooled
+    return fused
+
+
+@pytest.mark.parametrize("provider", ["cudnn", "cudnn_conv_only", "cnnfuse"])
+@pytest.mark.parametrize("batch", [1, 128])
+@pytest.mark.parametrize("layer", SHAPES, ids=[_id(s) for s in SHAPES])
+def test_grouped_bn_act(layer, batch, provider, timed):
+    name, (cin, cout, k, _, _, groups, _, _) = layer
+    act = MODELS[name]
+    x, conv, bn = _layer(layer, batch)
+    fused = _fused(conv, bn, act)
     fns = {"cudnn": lambda: apply_activation(bn(conv(x)), act), "cudnn_conv_only": lambda: conv(x),
            "cnnfuse": lambda: fused(x)}
     with torch.no_grad():
@@ -77,19 +89,9 @@ def test_squeeze_in_epilogue(layer, batch, provider, timed):
     """The depthwise conv that feeds an SE block, with the SE mean: eager (conv, BN, SiLU, then
     the mean reading the output back), cnnfuse's fused conv then that mean, and cnnfuse with
     the mean summed in the depthwise kernel's epilogue (return_pooled)."""
-    name, (cin, cout, k, stride, pad, groups, h, w) = layer
-    dev, dt = "cuda", torch.float16
-    x = torch.randn(batch, cin, h, w, device=dev, dtype=dt).contiguous(
-        memory_format=torch.channels_last)
-    conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False).to(
-        dev, dt, memory_format=torch.channels_last)
-    bn = zoo.randomize_batchnorm(nn.BatchNorm2d(cout)).to(dev, dt).eval()
-    fused = FusedConv2d.from_conv(conv)
-    fused.fold_bn(bn)
-    fused.activation = "silu"
-    pooled = FusedConv2d.from_conv(conv)
-    pooled.fold_bn(bn)
-    pooled.activation, pooled.returns_pooled = "silu", True
+    _, (_, cout, k, *_) = layer
+    x, conv, bn = _layer(layer, batch)
+    fused, pooled = _fused(conv, bn, "silu"), _fused(conv, bn, "silu", returns_pooled=True)
 
     def eager():
         y = apply_activation(bn(conv(x)), "silu")

@@ -215,14 +215,19 @@ def test_input_scale(mode, case, dtype, backend):
     scale_check(case, dtype, "cpu")
 
 
-def scale_check(case, dtype, device):
+def scale_check(case, dtype, device, activation="relu", pooled=False):
+    """With `pooled`, also the return_pooled call: its y is the same, its means are y's."""
     x, w, b, r = (t.to(device) for t in make(case, dtype, residual=True))
     scale = torch.rand(case.n, case.c, device=device).to(dtype)
-    ours = run(case, x, w, b, r, "relu", input_scale=scale)
+    ours = run(case, x, w, b, r, activation, input_scale=scale)
+    if pooled:
+        y, means = run(case, x, w, b, r, activation, input_scale=scale, return_pooled=True)
+        assert_mean_of(means.cpu(), y.cpu())
+        assert torch.equal(y, ours)
     xs = (x.float() * scale.float()[:, :, None, None]).to(dtype)
-    ref64 = torch_conv(case, xs.cpu(), w.cpu(), b.cpu(), r.cpu(), "relu", torch.float64)
-    assert_within_torch_error(ours.cpu(), torch_conv(case, xs, w, b, r, "relu", dtype).cpu(),
-                              ref64)
+    ref64 = torch_conv(case, xs.cpu(), w.cpu(), b.cpu(), r.cpu(), activation, torch.float64)
+    assert_within_torch_error(ours.cpu(),
+                              torch_conv(case, xs, w, b, r, activation, dtype).cpu(), ref64)
 
 
 @pytest.mark.parametrize("mode", ["reference", "triton", "cuda"])
@@ -269,19 +274,7 @@ def test_pooled(mode, case, dtype, backend):
     if mode == "triton" and not triton_runnable():
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     backend(mode)
-    pooled_check(case, dtype, "cpu")
-
-
-def pooled_check(case, dtype, device):
-    x, w, b, r = (t.to(device) for t in make(case, dtype, residual=True))
-    scale = torch.rand(case.n, case.c, device=device).to(dtype)
-    y, pooled = run(case, x, w, b, r, "silu", input_scale=scale, return_pooled=True)
-    assert_mean_of(pooled.cpu(), y.cpu())
-    assert torch.equal(y, run(case, x, w, b, r, "silu", input_scale=scale))
-    xs = (x.float() * scale.float()[:, :, None, None]).to(dtype)
-    ref64 = torch_conv(case, xs.cpu(), w.cpu(), b.cpu(), r.cpu(), "silu", torch.float64)
-    same = torch_conv(case, xs, w, b, r, "silu", dtype)
-    assert_within_torch_error(y.cpu(), same.cpu(), ref64)
+    scale_check(case, dtype, "cpu", "silu", pooled=True)
 
 
 def test_pooled_with_out_is_refused():
@@ -412,7 +405,7 @@ def test_cuda_input_affine(mode, case, dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cuda_pooled(mode, case, dtype, backend):
     backend(mode)
-    pooled_check(case, dtype, "cuda")
+    scale_check(case, dtype, "cuda", "silu", pooled=True)
 
 
 @pytest.mark.cuda
