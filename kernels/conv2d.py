@@ -12,9 +12,9 @@ groups it spans, and the weight tile is masked to its block diagonal. Narrow gro
 4 to 32 channels) are thus packed several to a tile: every loaded byte is useful and the
 tensor cores still run, at the price of multiplying zeros, which a memory-bound layer affords.
 
-Pool in the load stage (POOL_IN): the input tile is the max or average of a window of x, so a
-pool and the 1x1 conv after it (Inception's pool projection) are one kernel; the window loops
-are the depthwise ones (DW), whose tile is a weighted sum of the same window instead.
+Window in the load stage (DW, POOL_IN): the input tile is computed from a window of x, as a
+depthwise conv's weighted sum (DW) or a pool's max or average (POOL_IN), so that op and the
+1x1 conv after it (a separable conv, Inception's pool projection) are one kernel.
 
 Pooling (POOL): the epilogue also adds the tile's stored values, divided by OH·OW, to a
 float32 (N, K) buffer: the squeeze of a squeeze-and-excitation block, without a pass over y.
@@ -179,9 +179,12 @@ def _conv2d_kernel(
                 cs = c0 + offs_k
                 c_ok = cs < c_hi
                 a_ok = ok[:, None] & c_ok[None, :]
-                if DW:  # x is the input of a depthwise conv whose output this 1x1 conv reads:
-                    # compute that output's tile here, so it never goes to memory
-                    d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                if DW or POOL_IN != 0:  # x is the input of a depthwise conv, or of a pool
+                    # (max 1, average with the padding counted 2 or not 3), whose output this
+                    # 1x1 conv reads: compute that output's tile here, so it never goes to memory
+                    empty = float("-inf") if POOL_IN == 1 else 0.0
+                    d = tl.full((BLOCK_M, BLOCK_K), empty, tl.float32)
+                    taps = tl.zeros((BLOCK_M,), dtype=tl.float32)
                     for rd in range(RD):
                         ihd = oh * dw_sh - dw_pt + rd * dw_dh
                         for sd in range(SD):
@@ -190,35 +193,23 @@ def _conv2d_kernel(
                             xd = tl.load(x_ptr + (n * sxn + ihd.to(tl.int64) * sxh
                                                   + iwd.to(tl.int64) * sxw)[:, None]
                                          + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
-                                         other=0.0)
-                            wd = tl.load(dw_ptr + cs * sdc + rd * sdr + sd * sds, mask=c_ok,
-                                         other=0.0)
-                            d += xd.to(tl.float32) * wd.to(tl.float32)[None, :]
-                    if DW_BIAS:
-                        d += tl.load(dwb_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                    d = apply_activation(d, DW_ACT)
-                    a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
-                elif POOL_IN != 0:  # x is the input of a pool whose output this conv reads:
-                    # max (1) or average over the window, padding counted (2) or not (3)
-                    d = tl.full((BLOCK_M, BLOCK_K), float("-inf") if POOL_IN == 1 else 0.0,
-                                tl.float32)
-                    taps = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                    for rd in range(RD):
-                        ihd = oh * dw_sh - dw_pt + rd
-                        for sd in range(SD):
-                            iwd = ow * dw_sw - dw_pl + sd
-                            okd = mask_m & (ihd >= 0) & (ihd < XH) & (iwd >= 0) & (iwd < XW)
-                            xd = tl.load(x_ptr + (n * sxn + ihd.to(tl.int64) * sxh
-                                                  + iwd.to(tl.int64) * sxw)[:, None]
-                                         + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
-                                         other=float("-inf") if POOL_IN == 1 else 0.0)
-                            if POOL_IN == 1:  # NaN wins, as in PyTorch's max pool
-                                d = tl.maximum(d, xd.to(tl.float32),
-                                               propagate_nan=tl.PropagateNan.ALL)
+                                         other=empty).to(tl.float32)
+                            if DW:
+                                wd = tl.load(dw_ptr + cs * sdc + rd * sdr + sd * sds, mask=c_ok,
+                                             other=0.0)
+                                d += xd * wd.to(tl.float32)[None, :]
+                            elif POOL_IN == 1:  # NaN wins, as in PyTorch's max pool
+                                d = tl.maximum(d, xd, propagate_nan=tl.PropagateNan.ALL)
                             else:
-                                d += xd.to(tl.float32)
-                            taps += okd.to(tl.float32)
-                    if POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the
+                                d += xd
+                            if POOL_IN == 3:
+                                taps += okd.to(tl.float32)
+                    if DW:
+                        if DW_BIAS:
+                            d += tl.load(dwb_ptr + cs, mask=c_ok,
+                                         other=0.0).to(tl.float32)[None, :]
+                        d = apply_activation(d, DW_ACT)
+                    elif POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the
                         # dot (a window inside the tensor has a real tap: padding <= half of it)
                         d = tl.where(mask_m[:, None] & c_ok[None, :], d, 0.0)
                     elif POOL_IN == 2:
