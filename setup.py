@@ -2,8 +2,9 @@
 
 CUDA sources are compiled when a CUDA toolkit and a CUDA build of torch are present, unless
 CNNFUSE_SKIP_CUDA_BUILD=1; otherwise `_C` holds the CPU kernels only. TORCH_CUDA_ARCH_LIST
-and MAX_JOBS are honoured; by default the archs are those of the visible GPUs, else
-8.0, 8.6, 8.9 and 9.0 with PTX.
+and MAX_JOBS are honoured; by default the archs are those of the visible GPUs (the newest with
+PTX), else 9.0 with PTX only: each arch compiles every CUDA source once more, and sm_90 is the
+GPU this project targets. The build says which archs it compiles and why.
 """
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+README = ROOT / "README.md"
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "pyext" / "__init__.py").read_text())[1]
 
 
@@ -27,11 +29,25 @@ def _find(relative: str):
     return next((d for d in _site_dirs() if (d / relative).exists()), None)
 
 
-def _default_arch_list(torch) -> str:
-    if torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
-    return "8.0;8.6;8.9;9.0+PTX"
+def _say(message: str) -> None:
+    print(f"cnnfuse: {message}", flush=True)
+
+
+def arch_list(torch, environ=os.environ) -> tuple[str, str]:
+    """(TORCH_CUDA_ARCH_LIST to build, why): the one given, else the visible GPUs' archs,
+    else 9.0+PTX (H100/H200; the PTX lets newer GPUs JIT-compile it)."""
+    given = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if given:
+        return given, "from TORCH_CUDA_ARCH_LIST"
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        gpus = {torch.cuda.get_device_capability(i): torch.cuda.get_device_name(i)
+                for i in range(torch.cuda.device_count())}
+        archs = [f"{major}.{minor}" for major, minor in sorted(gpus)]
+        archs[-1] += "+PTX"
+        return ";".join(archs), "the visible GPUs: " + ", ".join(
+            f"{name} (sm_{major}{minor})" for (major, minor), name in sorted(gpus.items()))
+    return "9.0+PTX", ("no GPU visible and TORCH_CUDA_ARCH_LIST unset: sm_90 only (set "
+                       "TORCH_CUDA_ARCH_LIST, e.g. \"8.0;8.6;9.0\", for other GPUs)")
 
 
 def _extension():
@@ -49,16 +65,18 @@ def _extension():
     macros, include_dirs, libraries, library_dirs, link_args = [], [], [], [], []
     if not with_cuda:
         sources = [s for s in sources if s != cudnn_fused]
-        print("cnnfuse: building _C without CUDA "
-              f"({'CNNFUSE_SKIP_CUDA_BUILD=1' if skip_cuda else 'no CUDA toolkit or CPU torch'})")
+        _say("building _C without CUDA "
+             f"({'CNNFUSE_SKIP_CUDA_BUILD=1' if skip_cuda else 'no CUDA toolkit or CPU torch'}): "
+             f"{len(sources)} C++ sources")
         return cpp_extension.CppExtension(
             "cnnfuse._C", sources, extra_compile_args={"cxx": cxx})
 
-    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
+    archs, why = arch_list(torch)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's build turns into -gencode flags
     sources += sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*.cu"))
     macros += [("CNNFUSE_WITH_CUDA", None),
                ("CNNFUSE_CUDA_VERSION", f'"{torch.version.cuda}"'),
-               ("CNNFUSE_CUDA_ARCHS", f'"{arch_list}"')]
+               ("CNNFUSE_CUDA_ARCHS", f'"{archs}"')]
     # torch's CUDA headers pull in cusparse.h and friends, shipped in the nvidia/cu13 wheels.
     for rel in ("nvidia/cu13/include", "nvidia/cudnn/include"):
         found = _find(rel)
@@ -76,9 +94,11 @@ def _extension():
         libraries += [":libcudnn.so.9", ":libnvrtc.so.13"]
     else:
         sources = [s for s in sources if s != cudnn_fused]
-        print("cnnfuse: cuDNN frontend headers or libcudnn not found; building without the "
-              "cuDNN runtime-fusion backend (pip install nvidia-cudnn-frontend)")
+        _say("cuDNN frontend headers or libcudnn not found; building without the cuDNN "
+             "runtime-fusion backend (pip install nvidia-cudnn-frontend)")
     nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
+    _say(f"building _C with CUDA {torch.version.cuda} for archs {archs} ({why}); "
+         f"{len(sources)} sources, MAX_JOBS={os.environ['MAX_JOBS']}")
     return cpp_extension.CUDAExtension(
         "cnnfuse._C", sources, define_macros=macros, include_dirs=include_dirs,
         libraries=libraries, library_dirs=library_dirs, extra_link_args=link_args,
@@ -90,24 +110,28 @@ def _build_ext():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(
-    name="cnnfuse",
-    version=VERSION,
-    description="Fused CUDA and Triton kernels for classic CNN image classifiers",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    package_dir={"cnnfuse": "pyext", "cnnfuse.kernels": "kernels", "cnnfuse.models": "models"},
-    packages=["cnnfuse", "cnnfuse.ops", "cnnfuse.ref", "cnnfuse.bench", "cnnfuse.kernels",
-              "cnnfuse.models"],
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": _build_ext()},
-    install_requires=["torch>=2.6", "triton>=3.3", "tqdm"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision"],
-        "bench": ["torchvision", "timm", "matplotlib", "pytest-benchmark"],
-        "cudnn": ["nvidia-cudnn-frontend"],
-    },
-    entry_points={"console_scripts": ["cnnfuse-bench = cnnfuse.bench.__main__:main"]},
-    zip_safe=False,
-)
+# Under pip (setuptools' build backend) and `python setup.py` alike this file runs as
+# __main__; imported (the tests of arch_list), it only defines.
+if __name__ == "__main__":
+    setup(
+        name="cnnfuse",
+        version=VERSION,
+        description="Fused CUDA and Triton kernels for classic CNN image classifiers",
+        long_description=README.read_text() if README.exists() else "",
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        package_dir={"cnnfuse": "pyext", "cnnfuse.kernels": "kernels", "cnnfuse.models": "models"},
+        packages=["cnnfuse", "cnnfuse.ops", "cnnfuse.ref", "cnnfuse.bench", "cnnfuse.kernels",
+                  "cnnfuse.models"],
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": _build_ext()},
+        install_requires=["torch>=2.6", "triton>=3.3", "tqdm"],
+        extras_require={
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision",
+                     "scikit-image"],
+            "bench": ["torchvision", "timm", "matplotlib", "pytest-benchmark"],
+            "cudnn": ["nvidia-cudnn-frontend"],
+        },
+        entry_points={"console_scripts": ["cnnfuse-bench = cnnfuse.bench.__main__:main"]},
+        zip_safe=False,
+    )
