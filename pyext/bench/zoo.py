@@ -6,11 +6,14 @@ from torch import nn
 PEAK_FLOPS = 790e12
 PEAK_BYTES = 3.0e12
 
-# Every architecture cnnfuse targets: torchvision names, and timm's as "timm/<name>".
+# Every architecture cnnfuse targets: torchvision names, timm's as "timm/<name>", and the
+# seed classifiers no library ships (cnnfuse.models.architectures) as "cnnfuse/<name>".
 ZOO = ("alexnet", "vgg16", "googlenet", "inception_v3", "resnet50", "resnext50_32x4d",
        "densenet121", "squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v2",
        "mobilenet_v3_large", "mnasnet1_0", "efficientnet_b0", "timm/inception_v4",
-       "timm/inception_resnet_v2", "timm/legacy_xception", "timm/seresnet50")
+       "timm/inception_resnet_v2", "timm/legacy_xception", "timm/seresnet50",
+       "cnnfuse/bn_inception", "cnnfuse/nin", "cnnfuse/igc_l4m32", "cnnfuse/attention56",
+       "cnnfuse/attention92")
 # A few minutes on one GPU: one model per family that matters most (GEMM-bound, Inception
 # branches, depthwise).
 QUICK = ("resnet50", "googlenet", "mobilenet_v2")
@@ -24,9 +27,17 @@ def input_size(name: str) -> int:
 
 
 def build(name: str) -> nn.Module:
-    """'resnet50' (torchvision) or 'timm/inception_v4'; random weights, eval mode."""
+    """'resnet50' (torchvision), 'timm/inception_v4' or 'cnnfuse/bn_inception' (one of
+    cnnfuse.models.architectures.ARCHITECTURES); random weights, eval mode. Raises ValueError
+    for an unknown cnnfuse/ name."""
     torch.manual_seed(0)
-    if name.startswith("timm/"):
+    if name.startswith("cnnfuse/"):
+        from ..models.architectures import ARCHITECTURES
+        if name[8:] not in ARCHITECTURES:
+            raise ValueError(f"name {name!r}: cnnfuse.models.architectures has "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
+        model = ARCHITECTURES[name[8:]]()
+    elif name.startswith("timm/"):
         import timm
         model = timm.create_model(name[5:], pretrained=False)
     else:
