@@ -1,7 +1,7 @@
-"""Fused nn.Modules and the passes that swap them into existing models."""
+"""Fused nn.Modules (`modules/`), the passes that swap them into existing models (`passes/`),
+and the seed architectures no library ships (`architectures/`)."""
 from .fuse import explain, fuse
-from .fused_conv import FusedConv2d
+from .modules import FusedConv2d, FusedSqueezeExcite
 from .report import FusionReport
-from .squeeze_excite import FusedSqueezeExcite
 
 __all__ = ["FusedConv2d", "FusedSqueezeExcite", "FusionReport", "explain", "fuse"]

@@ -1,5 +1,6 @@
-"""What the fusion passes recognise: activations in module, function and method form, and
-residual adds. Tables, not code per model: every family written with these ops is covered."""
+"""What the fusion passes recognise: activations in module, function and method form,
+residual adds, SE products, pools, concatenations and channel shuffles. Tables, not code per
+model: every family written with these ops is covered."""
 import functools
 import inspect
 import operator
@@ -227,3 +228,88 @@ def pool_window(node: fx.Node, modules: dict) -> Optional[tuple]:
         return None
     mode = "max" if is_max else "avg" if p.get("count_include_pad", True) else "avg_valid"
     return x, mode, kernel, stride, padding
+
+
+def cat_parts(node: fx.Node, min_parts: int = 2) -> Optional[list]:
+    """The parts of a `torch.cat(parts, dim=1)` node, or None."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if (dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) < min_parts
+            or node.kwargs.get("out") is not None):
+        return None
+    return list(parts) if all(isinstance(p, fx.Node) for p in parts) else None
+
+
+def _sole_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_method(node, names) -> bool:
+    return node is not None and node.op == "call_method" and node.target in names
+
+
+def _dim_of(node, tensor: fx.Node, i: int) -> bool:
+    """Whether `node` is dimension i of `tensor`: t.size(i), t.size()[i] or t.shape[i]."""
+    if not isinstance(node, fx.Node):
+        return False
+    if _is_method(node, ("size",)) and node.args == (tensor, i):
+        return True
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != i:
+        return False
+    whole = node.args[0]
+    return isinstance(whole, fx.Node) and whole.args[0] is tensor and (
+        (_is_method(whole, ("size",)) and len(whole.args) == 1) or
+        (whole.op == "call_function" and whole.target is getattr and whole.args[1] == "shape"))
+
+
+def _shape_args(node: fx.Node) -> tuple:
+    return tuple(node.args[1]) if len(node.args) == 2 and isinstance(
+        node.args[1], (tuple, list)) else tuple(node.args[1:])
+
+
+def channel_shuffle_after(cat: fx.Node) -> Optional[tuple]:
+    """(groups, nodes from the first view to the last) when the cat is read only by a channel
+    shuffle: view(n, g, c // g, h, w) → transpose(1, 2) → [contiguous] → view/reshape(n, c or
+    -1, h, w) or flatten(1, 2), with n, c, h, w the cat's own sizes; shape queries may read
+    the cat too."""
+    views = [u for u in cat.users if _is_method(u, ("view", "reshape"))]
+    others = [u for u in cat.users if u not in views]
+    if len(views) != 1 or not all(_is_method(u, ("size",)) or (
+            u.op == "call_function" and u.target is getattr and u.args[1] == "shape")
+            for u in others):
+        return None
+    split = views[0]
+    dims = _shape_args(split)
+    if len(dims) != 5 or not isinstance(dims[1], int) or dims[1] < 2:
+        return None
+    groups, per_group = dims[1], dims[2]
+    per_group_ok = isinstance(per_group, fx.Node) and per_group.op == "call_function" and (
+        per_group.target is operator.floordiv and _dim_of(per_group.args[0], cat, 1)
+        and per_group.args[1] == groups)
+    if not (_dim_of(dims[0], cat, 0) and per_group_ok and _dim_of(dims[3], cat, 2)
+            and _dim_of(dims[4], cat, 3)):
+        return None
+    chain, node = [split], _sole_user(split)
+    swap = node is not None and (
+        (node.op == "call_function" and node.target is torch.transpose) or
+        _is_method(node, ("transpose",))) and set(node.args[1:3]) == {1, 2}
+    if not swap:
+        return None
+    chain.append(node)
+    node = _sole_user(node)
+    if _is_method(node, ("contiguous",)):
+        chain.append(node)
+        node = _sole_user(node)
+    if node is None:
+        return None
+    if (node.op == "call_function" and node.target is torch.flatten) or _is_method(
+            node, ("flatten",)):
+        ok = tuple(node.args[1:3]) == (1, 2) and not node.kwargs
+    else:
+        out = _shape_args(node) if _is_method(node, ("view", "reshape")) else ()
+        ok = len(out) == 4 and _dim_of(out[0], cat, 0) and (
+            out[1] == -1 or _dim_of(out[1], cat, 1)) and _dim_of(out[2], cat, 2) and _dim_of(
+            out[3], cat, 3)
+    return (groups, chain + [node]) if ok else None

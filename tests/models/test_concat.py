@@ -352,7 +352,7 @@ def test_separable_hazard(model):
 
 
 def test_separable_takes_the_broadcast_add_outside():
-    from cnnfuse.models.separable import FusedSeparableConv2d
+    from cnnfuse.models.modules import FusedSeparableConv2d
     fused = cnnfuse.fuse(SeparableBroadcastAdd().eval())
     pair = [m for m in fused.modules() if isinstance(m, FusedSeparableConv2d)]
     assert len(pair) == 1 and pair[0].has_residual

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import cnnfuse
-from cnnfuse.models.fused_conv import FusedConv2d
-from cnnfuse.models.squeeze_excite import FusedSqueezeExcite
+from cnnfuse.models.modules import FusedConv2d
+from cnnfuse.models.modules import FusedSqueezeExcite
 
 from ..util import randomize_batchnorm, relative_error
 

@@ -4,11 +4,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
-from ..backend import warn_once
-from ..ops.conv2d import output_hw
-from ..ops.depthwise_conv2d import pack_weight as pack_depthwise
-from ..ref import activation_code, apply_activation
+from ... import ops
+from ...backend import warn_once
+from ...ops.conv2d import output_hw
+from ...ops.depthwise_conv2d import pack_weight as pack_depthwise
+from ...ref import activation_code, apply_activation
 
 
 def _fits(residual, x: torch.Tensor, conv: "FusedConv2d") -> bool:

@@ -1,13 +1,15 @@
 """Sibling convs merged into one: convs that read the same tensor with the same geometry and
 activation (Inception's 1x1 reduces) become one conv over the concatenated weights, whose
 output channel slices their readers take in place. One pass over the shared input instead of
-one per sibling, and one launch."""
+one per sibling, and one launch. Runs after the concatenation passes: their writers keep
+writing directly."""
 from typing import Optional
 
 import torch
 from torch import fx
 
-from .fused_conv import FusedConv2d
+from ..graph import FusionGraph
+from ..modules import FusedConv2d
 
 
 def _signature(m: FusedConv2d) -> Optional[tuple]:
@@ -47,3 +49,32 @@ def sibling_groups(graph: fx.Graph, modules: dict, calls: dict) -> list:
         groups += [(node, sorted(users, key=order.get)) for users in by_signature.values()
                    if len(users) > 1]
     return groups
+
+
+def run(g: FusionGraph) -> None:
+    done = set()
+    while True:  # again after each merge: a merged conv's slices may feed another group
+        groups = [(source, nodes) for source, nodes in sibling_groups(g.graph, g.modules, g.calls)
+                  if (source, nodes[0]) not in done]
+        if not groups:
+            return
+        source, nodes = groups[0]
+        done.add((source, nodes[0]))
+        # The merged conv runs where the first sibling did: nothing in between may write.
+        if g.mutation_between(nodes[0], nodes[-1]):
+            continue
+        convs = [g.modules[n.target] for n in nodes]
+        # On the root: a container (Sequential) with an extra child would run it if called.
+        name = nodes[0].target.replace(".", "_") + "_merged"
+        g.replace_module(name, merged(convs))
+        with g.graph.inserting_before(nodes[0]):
+            whole = g.graph.call_module(name, (source,))
+        start = 0
+        for node, conv in zip(nodes, convs):
+            with g.graph.inserting_before(node):
+                part = g.graph.call_method("narrow", (whole, 1, start, conv.out_channels))
+            node.replace_all_uses_with(part)
+            g.graph.erase_node(node)
+            g.reshape_not_view(part)
+            start += conv.out_channels
+        g.report.add("sibling convs merged", len(nodes))

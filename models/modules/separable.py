@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
+from ... import ops
 from .fused_conv import FusedConv2d, with_epilogue
 
 

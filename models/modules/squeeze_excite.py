@@ -7,9 +7,9 @@ which then also takes the residual add and activation after it."""
 import torch
 from torch import fx, nn
 
-from .. import ops
-from ..backend import warn_once
-from ..ref import apply_activation
+from ... import ops
+from ...backend import warn_once
+from ...ref import apply_activation
 from .fused_conv import FusedConv2d
 
 
@@ -69,10 +69,3 @@ def channel_scale(x: torch.Tensor, gate: torch.Tensor, residual=None,
     # in x's layout, as `x * gate` was: a `.view` after it must still work
     return ops.bias_act(x, None, residual, activation=activation, scale=gate,
                         out=torch.empty_like(x))
-
-
-def is_gate_conv(m) -> bool:
-    """A 1x1 FC layer of an SE block, as `fuse` leaves it after folding its activation."""
-    return (isinstance(m, FusedConv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
-            and not any(m.padding) and m.groups == 1 and not m.has_residual
-            and not m.has_input_scale and m.input_affine is None)

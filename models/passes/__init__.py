@@ -1,0 +1,28 @@
+"""The fusion passes, one rewrite per file, in the order they run.
+
+Each pass is `run(g: FusionGraph)` and rewrites the graph in place. The order matters where
+one rewrite exposes or consumes another's pattern: dropping inference no-ops exposes residual
+adds; SE gates go before BatchNorm prologues (the gate scales the conv's raw input); the
+fused pairs (depthwise + 1x1, pool + 1x1) before the concatenations, so they write their
+slices; sibling merges last, so concat writers keep writing directly."""
+from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthrough,
+               pool_conv2d, residual, separable, siblings, squeeze_excite)
+
+PIPELINE = (
+    passthrough,
+    conv_bn_act,
+    residual,
+    squeeze_excite,
+    input_bn,
+    separable,
+    pool_conv2d,
+    dense_block,
+    concat,
+    siblings,
+    leftover_bn,
+)
+
+
+def run_all(g) -> None:
+    for rewrite in PIPELINE:
+        rewrite.run(g)
