@@ -1,106 +1,57 @@
 """Implicit-GEMM convolution on NHWC with a fused bias / residual / activation epilogue.
 
 GEMM view: rows are output pixels (M = N·OH·OW), columns output channels (K), and the
-reduction runs over (r, s, c). The (r, s) loops stay outside the channel loop so the inner
-loop is a plain strided GEMM that Triton software-pipelines; flattening (r, s, c) into one
-loop costs a div/mod per step and measured slower. Every tensor is addressed through its
-strides, so the output may be a channel slice of a wider buffer (concat-free outputs) at no
-extra cost, and the weight is read in its stored layout (channels_last keeps c contiguous).
+reduction runs over (r, s, c). One loop covers all R·S·⌈C/BLOCK_K⌉ steps, so Triton
+software-pipelines the whole reduction (copies of the next steps in flight across kernel-tap
+boundaries, never drained per (r, s)). The tap counters r, s and the channel offset c0 are
+advanced with compares and selects: no div/mod per step. Every tensor is addressed through its
+strides, so the output may be a channel slice of a wider buffer (concat-free outputs) and the
+weight is read in its stored layout (channels_last keeps c contiguous). Strides and channel
+counts that are multiples of a 16-byte vector are passed divided by it (XVEC, YVEC) and
+multiplied back in the kernel, so Triton knows the alignment and loads 16 bytes at a time even
+where they are not multiples of 16 elements (24, 40, 72 channels).
 
 Grouped convolution (GROUPED): a tile of output channels reads only the input channels of the
 groups it spans, and the weight tile is masked to its block diagonal. Narrow groups (ResNeXt's
 4 to 32 channels) are thus packed several to a tile: every loaded byte is useful and the
 tensor cores still run, at the price of multiplying zeros, which a memory-bound layer affords.
 
+Few input channels (STEM): x and the weight are padded with zeros to STEM_CHANNELS channels,
+and each kernel row's (s, c) taps, adjacent in memory, form one contiguous reduction range:
+the 7x7 RGB stem runs 7·⌈56/BLOCK_K⌉ steps of 16-byte loads instead of 49 steps of 2-byte ones.
+
 Window in the load stage (DW, POOL_IN): the input tile is computed from a window of x, as a
 depthwise conv's weighted sum (DW) or a pool's max or average (POOL_IN), so that op and the
-1x1 conv after it (a separable conv, Inception's pool projection) are one kernel.
+1x1 conv after it (a separable conv, Inception's pool projection) are one kernel. The window
+is unrolled, so the reduction loop stays a single pipelined loop.
+
+Split-K (SPLIT_K > 1): layers with fewer than about two waves of tiles split the reduction
+steps over SPLIT_K programs (uneven splits allowed); each writes its fp32 partial tile to a
+workspace and a second kernel sums them in a fixed order (deterministic, no float atomics)
+before the one epilogue.
 
 Pooling (POOL): the epilogue also adds the tile's stored values, divided by OH·OW, to a
 float32 (N, K) buffer: the squeeze of a squeeze-and-excitation block, without a pass over y.
 A row tile spans one image or a few (small maps), each summed apart and added atomically.
+
+TMA (tensor descriptors) is not used: the activation box is a rectangle only at stride 1 and
+without slices, and device-side descriptors need an allocator hook on 3.6 and 3.8 alike; the
+pointer path is the one path verified here.
 """
-from dataclasses import dataclass
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 from .activation import apply_activation
-from .aot import compile_for
+from .aot import compile_specialised
+from .conv2d_configs import (CONFIGS, GROUPED_CONFIGS, INTERPRETER_CONFIG,  # noqa: F401
+                             INTERPRETER_GROUPED_CONFIG, STEM_CHANNELS, Conv2dConfig,
+                             Conv2dProblem, Window, candidate_configs, default_config)
 
-
-@dataclass(frozen=True)
-class Conv2dConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
-
-    @property
-    def name(self) -> str:
-        return (f"triton_m{self.block_m}n{self.block_n}k{self.block_k}"
-                f"w{self.num_warps}s{self.num_stages}")
-
-
-# Candidates timed by the autotuner on Hopper; the shape filter below drops the ones whose
-# tiles would be mostly padding for the layer at hand.
-CONFIGS = (
-    Conv2dConfig(128, 128, 64, 8, 3),
-    Conv2dConfig(128, 256, 64, 8, 3),
-    Conv2dConfig(256, 128, 64, 8, 3),
-    Conv2dConfig(128, 128, 32, 4, 4),
-    Conv2dConfig(128, 64, 64, 4, 4),
-    Conv2dConfig(64, 128, 64, 4, 4),
-    Conv2dConfig(64, 64, 64, 4, 4),
-    Conv2dConfig(64, 64, 32, 4, 5),
-    Conv2dConfig(32, 64, 64, 4, 4),
-    Conv2dConfig(32, 32, 32, 2, 4),
-)
-
-# Grouped convs: narrow N tiles keep the zero blocks of the packed weight tile small.
-GROUPED_CONFIGS = (
-    Conv2dConfig(128, 16, 16, 4, 3),
-    Conv2dConfig(256, 16, 16, 4, 3),
-    Conv2dConfig(128, 32, 32, 4, 3),
-    Conv2dConfig(256, 32, 32, 8, 3),
-    Conv2dConfig(64, 32, 32, 4, 4),
-    Conv2dConfig(128, 64, 64, 4, 3),
-    Conv2dConfig(64, 64, 64, 4, 3),
-    Conv2dConfig(128, 128, 64, 8, 3),
-)
-
-# Large tiles keep the interpreter's per-program overhead down on the CPU.
-INTERPRETER_CONFIG = Conv2dConfig(64, 64, 32, 4, 1)
-INTERPRETER_GROUPED_CONFIG = Conv2dConfig(64, 16, 16, 4, 1)
-
-
-def candidate_configs(m: int, k: int, c: int, groups: int = 1) -> list[Conv2dConfig]:
-    """Configs worth timing for a GEMM of m rows, k output channels, c input channels."""
-    if groups > 1:
-        kg = k // groups
-        # a tile should not span more groups than it must, nor half-fill one group
-        return [cfg for cfg in GROUPED_CONFIGS
-                if cfg.block_n <= max(16, triton.next_power_of_2(min(k, max(kg, 32))))
-                and cfg.block_m <= max(64, triton.next_power_of_2(m))] or [GROUPED_CONFIGS[0]]
-
-    def fits(cfg):
-        return (cfg.block_n <= max(32, triton.next_power_of_2(k))
-                and cfg.block_k <= max(32, triton.next_power_of_2(c))
-                and cfg.block_m <= max(32, triton.next_power_of_2(m)))
-    return [cfg for cfg in CONFIGS if fits(cfg)] or [CONFIGS[-1]]
-
-
-def default_config(m: int, k: int, c: int, groups: int = 1) -> Conv2dConfig:
-    """Untimed pick (CUDA graph capture, autotuning off): the largest tile the shape fills."""
-    sm_count = 132
-    for cfg in candidate_configs(m, k, c, groups):
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n)
-        if tiles >= sm_count:
-            return cfg
-    return candidate_configs(m, k, c, groups)[-1]
+_INT32_LIMIT = 2 ** 31 - 1
+POOL_MODES = {"max": 1, "avg": 2, "avg_valid": 3}  # avg_valid: the padding is not counted
 
 
 @triton.jit
@@ -112,25 +63,74 @@ def _round_to_bf16(v):
 
 
 @triton.jit
+def _epilogue(acc, row0, offs_m, offs_n, M, K, OH, OW, bias_ptr, res_ptr, y_ptr, pool_ptr,
+              pool_scale, srn, src, srh, srw, syn, syc, syh, syw,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+              POOL: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """bias, residual, activation, the (slice) store and the pooled sums of one tile."""
+    mask_m = offs_m < M
+    mask_n = offs_n < K
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    n = offs_m // (OW * OH)
+    if INT64:
+        n = n.to(tl.int64)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        r_ptrs = res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
+        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    acc = apply_activation(acc, ACT)
+    y_ptrs = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc
+    # DOT_FP32 (the interpreter's bf16): y is a float32 buffer; round to bf16 here, as the GPU
+    # would, so the pool sums the values torch's later copy to bf16 keeps exactly
+    y = _round_to_bf16(acc) if DOT_FP32 else acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, y, mask=out_mask)
+    if POOL:  # the mean of what was stored, per image and channel
+        y = tl.where(out_mask, y.to(tl.float32), 0.0)
+        hw = OH * OW
+        for img in range(row0 // hw, (tl.minimum(row0 + BLOCK_M, M) - 1) // hw + 1):
+            part = tl.sum(tl.where((n == img)[:, None], y, 0.0), axis=0) * pool_scale
+            tl.atomic_add(pool_ptr + img * K + offs_n, part, mask=mask_n, sem="relaxed")
+
+
+@triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr, dw_ptr, dwb_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr, dw_ptr, dwb_ptr, pool_ptr,
+    ws_ptr,
     N, C, H, W, K, OH, OW, XH, XW,
-    sdc, sdr, sds, dw_sh, dw_sw, dw_pt, dw_pl, dw_dh, dw_dw,
-    sxn, sxc, sxh, sxw, ssn, ssc, sar, sac,
-    swk, swc, swr, sws,
-    srn, src, srh, srw,
-    syn, syc, syh, syw,
-    stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, CG, KG,
-    pool_ptr, pool_scale,
+    sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, src, srh, srw, syn, syc, syh, syw,
+    ssn, ssc, sar, sac, sdc, sdr, sds,
+    stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+    dw_sh, dw_sw, dw_pt, dw_pl, dw_dh, dw_dw,
+    CG, KG, pool_scale,
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
     DW: tl.constexpr, POOL_IN: tl.constexpr, RD: tl.constexpr, SD: tl.constexpr,
-    DW_BIAS: tl.constexpr,
-    DW_ACT: tl.constexpr,
+    DW_BIAS: tl.constexpr, DW_ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    STEM: tl.constexpr, XVEC: tl.constexpr, YVEC: tl.constexpr, SPLIT_K: tl.constexpr,
+    INT64: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Multiples of a 16-byte vector arrive divided by it (see the module docstring).
+    C = C * XVEC
+    sxn = sxn * XVEC
+    sxh = sxh * XVEC
+    sxw = sxw * XVEC
+    swk = swk * XVEC
+    swr = swr * XVEC
+    sws = sws * XVEC
+    K = K * YVEC
+    srn = srn * YVEC
+    srh = srh * YVEC
+    srw = srw * YVEC
+    syn = syn * YVEC
+    syh = syh * YVEC
+    syw = syw * YVEC
+
     # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
     M = N * OH * OW
@@ -150,7 +150,11 @@ def _conv2d_kernel(
 
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
-    n = (offs_m // (OW * OH)).to(tl.int64)
+    n = offs_m // (OW * OH)
+    cols = offs_n
+    if INT64:
+        n = n.to(tl.int64)
+        cols = cols.to(tl.int64)
     ih0 = oh * stride_h - pad_t
     iw0 = ow * stride_w - pad_l
 
@@ -159,133 +163,399 @@ def _conv2d_kernel(
         n1 = tl.minimum(pid_n * BLOCK_N + BLOCK_N, K) - 1
         c_lo = (pid_n * BLOCK_N // KG) * CG
         c_hi = (n1 // KG + 1) * CG
-        w_cols = w_ptr + offs_n[None, :].to(tl.int64) * swk - ((offs_n // KG) * CG)[None, :] * swc
+        w_cols = w_ptr + cols * swk - ((offs_n // KG) * CG) * swc
         group_n = offs_n // KG
     else:
         c_lo = 0
         c_hi = C
-        w_cols = w_ptr + offs_n[None, :].to(tl.int64) * swk
+        w_cols = w_ptr + cols * swk
+
+    # The reduction steps of this program: all of them, or its share of a split.
+    if STEM:
+        SC: tl.constexpr = S * 8  # the (s, c) range of one kernel row, channels padded to 8
+        NJ: tl.constexpr = (SC + BLOCK_K - 1) // BLOCK_K
+        total = R * NJ
+        nc = NJ
+    else:
+        nc = tl.cdiv(c_hi - c_lo, BLOCK_K)
+        total = R * S * nc
+    if SPLIT_K > 1:
+        pid_k = tl.program_id(1)
+        step_lo = pid_k * total // SPLIT_K
+        step_hi = (pid_k + 1) * total // SPLIT_K
+    else:
+        step_lo = 0
+        step_hi = total
+    # counters at the first step: the only div/mod of the loop, once per program
+    c0 = c_lo + (step_lo % nc) * BLOCK_K + tl.zeros((), tl.int32)
+    rs = step_lo // nc
+    s_i = rs % S + tl.zeros((), tl.int32)
+    r_i = rs // S + tl.zeros((), tl.int32)
+    if STEM:
+        r_i = rs + tl.zeros((), tl.int32)
+        # taps s with iw0 + s inside the image: j = s * 8 + c in [j_lo, j_hi)
+        j_lo = tl.maximum(-iw0, 0) * 8
+        j_hi = tl.minimum(W - iw0, S) * 8
+        x_rows = x_ptr + ((n * H + ih0) * W + iw0) * 8
+        w_cols = w_ptr + cols * (R * SC)
+    elif DW or POOL_IN != 0:
+        x_rows = x_ptr + n * sxn + (oh * dw_sh - dw_pt) * sxh + (ow * dw_sw - dw_pl) * sxw
+        ihd0 = oh * dw_sh - dw_pt
+        iwd0 = ow * dw_sw - dw_pl
+    else:
+        x_rows = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw
+    ok0 = mask_m & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(R):
-        ih = ih0 + r * dil_h
-        row_ok = mask_m & (ih >= 0) & (ih < H)
-        for s in range(S):
-            iw = iw0 + s * dil_w
-            ok = row_ok & (iw >= 0) & (iw < W)
-            x_rows = x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
-            w_rs = w_cols + r * swr + s * sws
-            for c0 in range(c_lo, c_hi, BLOCK_K):
-                cs = c0 + offs_k
-                c_ok = cs < c_hi
-                a_ok = ok[:, None] & c_ok[None, :]
-                if DW or POOL_IN != 0:  # x is the input of a depthwise conv, or of a pool
-                    # (max 1, average with the padding counted 2 or not 3), whose output this
-                    # 1x1 conv reads: compute that output's tile here, so it never goes to memory
-                    empty = float("-inf") if POOL_IN == 1 else 0.0
-                    d = tl.full((BLOCK_M, BLOCK_K), empty, tl.float32)
-                    taps = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                    for rd in range(RD):
-                        ihd = oh * dw_sh - dw_pt + rd * dw_dh
-                        for sd in range(SD):
-                            iwd = ow * dw_sw - dw_pl + sd * dw_dw
-                            okd = mask_m & (ihd >= 0) & (ihd < XH) & (iwd >= 0) & (iwd < XW)
-                            xd = tl.load(x_ptr + (n * sxn + ihd.to(tl.int64) * sxh
-                                                  + iwd.to(tl.int64) * sxw)[:, None]
-                                         + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
-                                         other=empty).to(tl.float32)
-                            if DW:
-                                wd = tl.load(dw_ptr + cs * sdc + rd * sdr + sd * sds, mask=c_ok,
-                                             other=0.0)
-                                d += xd * wd.to(tl.float32)[None, :]
-                            elif POOL_IN == 1:  # NaN wins, as in PyTorch's max pool
-                                d = tl.maximum(d, xd, propagate_nan=tl.PropagateNan.ALL)
-                            else:
-                                d += xd
-                            if POOL_IN == 3:
-                                taps += okd.to(tl.float32)
-                    if DW:
-                        if DW_BIAS:
-                            d += tl.load(dwb_ptr + cs, mask=c_ok,
-                                         other=0.0).to(tl.float32)[None, :]
-                        d = apply_activation(d, DW_ACT)
-                    elif POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the
-                        # dot (a window inside the tensor has a real tap: padding <= half of it)
-                        d = tl.where(mask_m[:, None] & c_ok[None, :], d, 0.0)
-                    elif POOL_IN == 2:
-                        d = d / (RD * SD)
-                    else:
-                        d = d / tl.maximum(taps, 1.0)[:, None]
-                    a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
+    for _ in range(step_lo, step_hi):
+        cs = c0 + offs_k
+        if STEM:
+            ih = ih0 + r_i * dil_h
+            ok = mask_m & (ih >= 0) & (ih < H)
+            a_ok = (ok[:, None] & (cs[None, :] >= j_lo[:, None])
+                    & (cs[None, :] < j_hi[:, None]))
+            a = tl.load(x_rows[:, None] + (r_i * dil_h * W * 8) + cs[None, :], mask=a_ok,
+                        other=0.0)
+            b = tl.load(w_cols[None, :] + r_i * SC + cs[:, None],
+                        mask=(cs < SC)[:, None] & mask_n[None, :], other=0.0)
+        else:
+            if R * S == 1:
+                ok = ok0
+                tap_x = 0
+                tap_w = 0
+            else:
+                dh = r_i * dil_h
+                dw = s_i * dil_w
+                ih = ih0 + dh
+                iw = iw0 + dw
+                ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                tap_x = dh * sxh + dw * sxw
+                tap_w = r_i * swr + s_i * sws
+            c_ok = cs < c_hi
+            a_ok = ok[:, None] & c_ok[None, :]
+            if DW or POOL_IN != 0:  # x is the input of a depthwise conv, or of a pool
+                # (max 1, average with the padding counted 2 or not 3), whose output this
+                # 1x1 conv reads: compute that output's tile here, so it never goes to memory
+                empty = float("-inf") if POOL_IN == 1 else 0.0
+                d = tl.full((BLOCK_M, BLOCK_K), empty, tl.float32)
+                taps = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for rd in tl.static_range(RD):
+                    ihd = ihd0 + rd * dw_dh
+                    for sd in tl.static_range(SD):
+                        iwd = iwd0 + sd * dw_dw
+                        okd = mask_m & (ihd >= 0) & (ihd < XH) & (iwd >= 0) & (iwd < XW)
+                        xd = tl.load(x_rows[:, None] + (rd * dw_dh * sxh + sd * dw_dw * sxw)
+                                     + cs[None, :] * sxc, mask=okd[:, None] & c_ok[None, :],
+                                     other=empty).to(tl.float32)
+                        if DW:
+                            wd = tl.load(dw_ptr + cs * sdc + rd * sdr + sd * sds, mask=c_ok,
+                                         other=0.0)
+                            d += xd * wd.to(tl.float32)[None, :]
+                        elif POOL_IN == 1:  # NaN wins, as in PyTorch's max pool
+                            d = tl.maximum(d, xd, propagate_nan=tl.PropagateNan.ALL)
+                        else:
+                            d += xd
+                        if POOL_IN == 3:
+                            taps += okd.to(tl.float32)
+                if DW:
+                    if DW_BIAS:
+                        d += tl.load(dwb_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                    d = apply_activation(d, DW_ACT)
+                elif POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the
+                    # dot (a window inside the tensor has a real tap: padding <= half of it)
+                    d = tl.where(mask_m[:, None] & c_ok[None, :], d, 0.0)
+                elif POOL_IN == 2:
+                    d = d / (RD * SD)
                 else:
-                    a = tl.load(x_rows + cs[None, :] * sxc, mask=a_ok, other=0.0)
-                if HAS_AFFINE:  # pre-activation BatchNorm + activation, as the tile loads
-                    sc = tl.load(affine_ptr + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
-                    sh = tl.load(affine_ptr + sar + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
-                    v = apply_activation(a.to(tl.float32) * sc[None, :] + sh[None, :], IN_ACT)
-                    v = tl.where(a_ok, v, 0.0)  # padding is zero after the prologue too
-                    a = v if DOT_FP32 else v.to(x_ptr.dtype.element_ty)
-                if HAS_SCALE:  # squeeze-excitation gate, applied as the input tile loads
-                    g = tl.load(scale_ptr + n[:, None] * ssn + cs[None, :] * ssc,
-                                mask=mask_m[:, None] & c_ok[None, :], other=0.0)
-                    a = a.to(tl.float32) * g.to(tl.float32)
-                    if not DOT_FP32:  # rounded as PyTorch's own multiply would
-                        a = a.to(x_ptr.dtype.element_ty)
-                w_ok = c_ok[:, None] & mask_n[None, :]
-                if GROUPED:  # block diagonal: channel c feeds output n only within one group
-                    w_ok = w_ok & ((cs // CG)[:, None] == group_n[None, :])
-                b = tl.load(w_rs + cs[:, None] * swc, mask=w_ok, other=0.0)
-                if DOT_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    d = d / tl.maximum(taps, 1.0)[:, None]
+                a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
+            else:
+                a = tl.load(x_rows[:, None] + tap_x + cs[None, :] * sxc, mask=a_ok, other=0.0)
+            if HAS_AFFINE:  # pre-activation BatchNorm + activation, as the tile loads
+                sc = tl.load(affine_ptr + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
+                sh = tl.load(affine_ptr + sar + cs * sac, mask=c_ok, other=0.0).to(tl.float32)
+                v = apply_activation(a.to(tl.float32) * sc[None, :] + sh[None, :], IN_ACT)
+                v = tl.where(a_ok, v, 0.0)  # padding is zero after the prologue too
+                a = v if DOT_FP32 else v.to(x_ptr.dtype.element_ty)
+            if HAS_SCALE:  # squeeze-excitation gate, applied as the input tile loads
+                g = tl.load(scale_ptr + n[:, None] * ssn + cs[None, :] * ssc,
+                            mask=mask_m[:, None] & c_ok[None, :], other=0.0)
+                a = a.to(tl.float32) * g.to(tl.float32)
+                if not DOT_FP32:  # rounded as PyTorch's own multiply would
+                    a = a.to(x_ptr.dtype.element_ty)
+            w_ok = c_ok[:, None] & mask_n[None, :]
+            if GROUPED:  # block diagonal: channel c feeds output n only within one group
+                w_ok = w_ok & ((cs // CG)[:, None] == group_n[None, :])
+            b = tl.load(w_cols[None, :] + tap_w + cs[:, None] * swc, mask=w_ok, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RES:
-        r_ptrs = res_ptr + (n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] \
-            + offs_n[None, :] * src
-        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    acc = apply_activation(acc, ACT)
-    y_ptrs = y_ptr + (n * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
-        + offs_n[None, :] * syc
-    # DOT_FP32 (the interpreter's bf16): y is a float32 buffer; round to bf16 here, as the GPU
-    # would, so the pool sums the values torch's later copy to bf16 keeps exactly
-    y = _round_to_bf16(acc) if DOT_FP32 else acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptrs, y, mask=out_mask)
-    if POOL:  # the mean of what was stored, per image and channel
-        y = tl.where(out_mask, y.to(tl.float32), 0.0)
-        first, hw = pid_m * BLOCK_M, OH * OW
-        for img in range(first // hw, (tl.minimum(first + BLOCK_M, M) - 1) // hw + 1):
-            part = tl.sum(tl.where((n == img)[:, None], y, 0.0), axis=0) * pool_scale
-            tl.atomic_add(pool_ptr + img * K + offs_n, part, mask=mask_n, sem="relaxed")
+        # next step: channel block, then tap s, then kernel row r
+        c0 += BLOCK_K
+        if STEM:
+            wrap = c0 >= SC
+            c0 = tl.where(wrap, 0, c0)
+            r_i = tl.where(wrap, r_i + 1, r_i)
+        elif R * S > 1:
+            wrap = c0 >= c_hi
+            c0 = tl.where(wrap, c_lo, c0)
+            s_i = tl.where(wrap, s_i + 1, s_i)
+            wrap_s = s_i >= S
+            s_i = tl.where(wrap_s, 0, s_i)
+            r_i = tl.where(wrap_s, r_i + 1, r_i)
+
+    if SPLIT_K > 1:  # the partial tile, summed by _splitk_reduce_kernel
+        rows = offs_m
+        if INT64:
+            rows = rows.to(tl.int64)
+        part = ws_ptr + (pid_k * M + rows)[:, None] * K + offs_n[None, :]
+        tl.store(part, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        _epilogue(acc, pid_m * BLOCK_M, offs_m, offs_n, M, K, OH, OW, bias_ptr, res_ptr, y_ptr,
+                  pool_ptr, pool_scale, srn, src, srh, srw, syn, syc, syh, syw,
+                  HAS_BIAS, HAS_RES, ACT, POOL, DOT_FP32, INT64, BLOCK_M)
 
 
-def _launch(x: torch.Tensor, y: torch.Tensor, K: int, config: Conv2dConfig, allow_tf32: bool,
-            build, pool=None) -> torch.Tensor:
-    """Run the kernel into y, and y's means into pool ((N, K) float32, contiguous) if given;
-    build(y, precision, dot_fp32) gives (args, constexprs)."""
-    N, _, OH, OW = y.shape
-    precision = "tf32" if (x.dtype == torch.float32 and allow_tf32) else "ieee"
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr, bias_ptr, res_ptr, y_ptr, pool_ptr, M, K, OH, OW,
+    srn, src, srh, srw, syn, syc, syh, syw, pool_scale,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    POOL: tl.constexpr, DOT_FP32: tl.constexpr, INT64: tl.constexpr, YVEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = epilogue(sum of the SPLIT_K partial tiles), added in split order."""
+    K = K * YVEC
+    srn = srn * YVEC
+    srh = srh * YVEC
+    srw = srw * YVEC
+    syn = syn * YVEC
+    syh = syh * YVEC
+    syw = syw * YVEC
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m
+    if INT64:
+        rows = rows.to(tl.int64)
+    mask = (offs_m < M)[:, None] & (offs_n < K)[None, :]
+    idx = rows[:, None] * K + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + idx, mask=mask, other=0.0)
+        idx += M * K
+    _epilogue(acc, pid_m * BLOCK_M, offs_m, offs_n, M, K, OH, OW, bias_ptr, res_ptr, y_ptr,
+              pool_ptr, pool_scale, srn, src, srh, srw, syn, syc, syh, syw,
+              HAS_BIAS, HAS_RES, ACT, POOL, DOT_FP32, INT64, BLOCK_M)
+
+
+REDUCE_BLOCK = (64, 64)
+
+# ---------------------------------------------------------------------------------------------
+# Launch arguments: one function for the runtime launch and the ahead-of-time compile.
+
+
+class _Pointer:
+    """Stands in for a tensor when compiling ahead: Triton specialises pointers on their
+    dtype and on whether their address is 16-byte aligned."""
+
+    def __init__(self, dtype: torch.dtype, aligned: bool = True):
+        self.dtype = dtype
+        self._address = 0 if aligned else 2
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+def _dense_cl(n, c, h, w):
+    return (h * w * c, 1, w * c, c)
+
+
+def _span(shape, strides) -> int:
+    return 1 + sum((d - 1) * abs(st) for d, st in zip(shape, strides))
+
+
+def _vec(element_size: int, contiguous, *values) -> int:
+    """16 bytes in elements if the channel stride is 1 and all values are multiples of it."""
+    v = 16 // element_size
+    return v if contiguous and all(x % v == 0 for x in values) else 1
+
+
+def _arguments(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, t: dict,
+               dot_fp32: bool = False):
+    """(args, constexprs, grid, reduce) of one launch. t maps x, w, bias, res, y, scale,
+    affine, dw, dwb, pool, ws to tensors (or _Pointer stand-ins, or None where absent); x and
+    w are the padded ones when p.stem. reduce is (args, constexprs, grid) of the split-K sum,
+    or None."""
+    oh, ow = p.out_hw
+    win = p.window
+    stem = p.stem
+    y = t["y"]
+    ptr = {k: (t.get(k) if t.get(k) is not None else y)
+           for k in ("x", "w", "bias", "res", "y", "scale", "affine", "dw", "dwb", "pool", "ws")}
+    c = STEM_CHANNELS if stem else p.c
+    cg = c // p.groups
+    xs = _dense_cl(p.n, c, p.h, p.w) if stem or p.x_strides is None else tuple(p.x_strides)
+    ws_ = (_dense_cl(p.k, c, p.r, p.s) if stem or p.w_strides is None
+           else tuple(p.w_strides))
+    ys = _dense_cl(p.n, p.k, oh, ow) if p.y_strides is None else tuple(p.y_strides)
+    rs = (_dense_cl(p.n, p.k, oh, ow) if p.residual_strides is None
+          else tuple(p.residual_strides)) if p.residual else ys
+    esize = torch.empty((), dtype=dtype).element_size()
+    xvec = 1 if p.groups > 1 or stem else _vec(
+        esize, xs[1] == 1 and ws_[1] == 1, c, xs[0], xs[2], xs[3], ws_[0], ws_[2], ws_[3])
+    yvec = _vec(esize, ys[1] == 1 and rs[1] == 1, p.k, ys[0], ys[2], ys[3], rs[0], rs[2],
+                rs[3])
+    xv = (xs[0] // xvec, xs[1], xs[2] // xvec, xs[3] // xvec)
+    wv = (ws_[0] // xvec, ws_[1], ws_[2] // xvec, ws_[3] // xvec)
+    yv = (ys[0] // yvec, ys[1], ys[2] // yvec, ys[3] // yvec)
+    rv = (rs[0] // yvec, rs[1], rs[2] // yvec, rs[3] // yvec)
+    m = p.n * oh * ow
+    spans = [_span((p.n, c, p.h, p.w), xs), _span((p.n, p.k, oh, ow), ys),
+             _span((p.n, p.k, oh, ow), rs), cfg.split_k * m * p.k + 1, _span(
+                 (p.k, cg, p.r, p.s), ws_)]
+    int64 = max(spans) > _INT32_LIMIT
+    if win is None:
+        conv_hw = (p.h, p.w)
+        window = (0, 0, 0, 1, 1, 0, 0, 1, 1)
+        conv = (*p.stride, p.padding[2], p.padding[0], *p.dilation)
+    else:
+        conv_hw = (oh, ow)
+        window = (*win.weight_strides, *win.stride, win.padding[2], win.padding[0],
+                  *win.dilation)
+        conv = (1, 1, 0, 0, 1, 1)
+    args = (ptr["x"], ptr["w"], ptr["bias"], ptr["res"], ptr["y"], ptr["scale"],
+            ptr["affine"], ptr["dw"], ptr["dwb"], ptr["pool"], ptr["ws"],
+            p.n, c // xvec, *conv_hw, p.k // yvec, oh, ow, p.h, p.w,
+            *xv, *wv, *rv, *yv,
+            *((p.c, 1) if p.input_scale is not None else (0, 0)),
+            *((p.c, 1) if p.input_affine is not None else (0, 0)),
+            *window[:3], *conv, *window[3:], cg, p.k // p.groups, 1.0 / (oh * ow))
+    precision = "tf32" if dtype == torch.float32 and p.allow_tf32 and not dot_fp32 else "ieee"
+    constexprs = dict(
+        R=1 if win else p.r, S=1 if win else p.s, GROUPED=p.groups > 1,
+        HAS_SCALE=p.input_scale is not None, HAS_AFFINE=p.input_affine is not None,
+        IN_ACT=p.input_activation, DW=win is not None and win.kind == "dw",
+        POOL_IN=POOL_MODES.get(win.kind, 0) if win else 0,
+        RD=win.kernel[0] if win else 1, SD=win.kernel[1] if win else 1,
+        DW_BIAS=bool(win and win.bias), DW_ACT=win.activation if win else 0,
+        HAS_BIAS=p.bias, HAS_RES=p.residual, ACT=p.activation, POOL=p.pooled, STEM=stem,
+        XVEC=xvec, YVEC=yvec, SPLIT_K=cfg.split_k, INT64=int64, PRECISION=precision,
+        DOT_FP32=dot_fp32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(p.k, cfg.block_n), cfg.split_k)
+    reduce = None
+    if cfg.split_k > 1:
+        bm, bn = REDUCE_BLOCK
+        reduce = ((ptr["ws"], ptr["bias"], ptr["res"], ptr["y"], ptr["pool"], m, p.k // yvec,
+                   oh, ow, *rv, *yv, 1.0 / (oh * ow)),
+                  dict(SPLIT_K=cfg.split_k, HAS_BIAS=p.bias, HAS_RES=p.residual,
+                       ACT=p.activation, POOL=p.pooled, DOT_FP32=dot_fp32, INT64=int64,
+                       YVEC=yvec, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1),
+                  (triton.cdiv(m, bm), triton.cdiv(p.k, bn)))
+    return args, constexprs, grid, reduce
+
+
+def _stand_ins(p: Conv2dProblem, dtype: torch.dtype, split_k: int) -> dict:
+    f32 = torch.float32
+    return dict(x=_Pointer(dtype, p.x_aligned or p.stem), w=_Pointer(dtype),
+                bias=_Pointer(dtype) if p.bias else None,
+                res=_Pointer(dtype) if p.residual else None,
+                y=_Pointer(dtype, p.y_aligned),
+                scale=_Pointer(p.input_scale) if p.input_scale is not None else None,
+                affine=_Pointer(p.input_affine) if p.input_affine is not None else None,
+                dw=_Pointer(dtype) if p.window is not None and p.window.kind == "dw" else None,
+                dwb=_Pointer(dtype) if p.window is not None and p.window.bias else None,
+                pool=_Pointer(f32) if p.pooled else None,
+                ws=_Pointer(f32) if split_k > 1 else None)
+
+
+def compile_for_shape(problem: Conv2dProblem, config: Conv2dConfig, dtype: torch.dtype,
+                      capability: int = 90, reduction: bool = False):
+    """The conv kernel compiled for `capability` (no GPU needed) exactly as a launch of
+    `problem` in `dtype` specialises it: the same launch arguments, specialised by Triton's
+    own rules (ints divisible by 16 marked so, ints equal to 1 made constants, pointers
+    16-byte aligned unless the problem says otherwise). Returns Triton's CompiledKernel
+    (.asm["ttgir"], ["ptx"], ["cubin"]); with reduction=True that of the split-K sum instead
+    (config.split_k > 1). Raises RuntimeError under TRITON_INTERPRET."""
+    args, constexprs, _, reduce = _arguments(problem, config, dtype,
+                                             _stand_ins(problem, dtype, config.split_k))
+    if reduction:
+        if reduce is None:
+            raise ValueError("reduction=True needs a config with split_k > 1")
+        return compile_specialised(_splitk_reduce_kernel, reduce[0], reduce[1], capability)
+    return compile_specialised(_conv2d_kernel, args, constexprs, capability)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime launchers (tensors already validated by cnnfuse.ops).
+
+_padded_weights: dict = {}  # id(weight) -> (weakref, version, padded)
+
+
+def _padded_weight(w: torch.Tensor) -> torch.Tensor:
+    """w (K, C < 8, R, S) zero-padded to STEM_CHANNELS channels, channels_last; cached per
+    weight tensor and version."""
+    key = id(w)
+    hit = _padded_weights.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    k, c, r, s = w.shape
+    buf = w.new_zeros((k, r, s, STEM_CHANNELS))
+    buf[..., :c] = w.permute(0, 2, 3, 1)
+    padded = buf.permute(0, 3, 1, 2)
+    if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _padded_weights[key] = (weakref.ref(w, lambda _: _padded_weights.pop(key, None)),
+                                w._version, padded)
+    return padded
+
+
+def pad_channels(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C < 8, H, W) as a dense channels_last (N, 8, H, W) tensor, zeros past C: the
+    layout the stem reads 16 bytes at a time."""
+    n, c, h, w = x.shape
+    buf = x.new_empty((n, h, w, STEM_CHANNELS))
+    buf[..., :c] = x.permute(0, 2, 3, 1)
+    buf[..., c:] = 0
+    return buf.permute(0, 3, 1, 2)
+
+
+def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
+    """Launch the problem into tensors["y"] (and the pooled means into tensors["pool"])."""
+    x, y, pool = tensors["x"], tensors["y"], tensors.get("pool")
     # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
     # products are exact in fp32, so an fp32 dot and an fp32 store rounded by torch give
     # what the GPU computes.
     dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
     dest = y
+    t = dict(tensors)
     if dot_fp32:
-        precision = "ieee"
-        y = torch.empty(y.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-    args, constexprs = build(y, precision, dot_fp32)
+        t["y"] = torch.empty(y.shape, dtype=torch.float32).contiguous(
+            memory_format=torch.channels_last)
+        p = _replace(p, y_strides=tuple(t["y"].stride()))
+    if p.stem:
+        t["x"], t["w"] = pad_channels(x), _padded_weight(t["w"])
     if pool is not None:
         pool.zero_()  # the tiles add into it
-    args += (pool if pool is not None else y, 1.0 / (OH * OW))
-    grid = (triton.cdiv(N * OH * OW, config.block_m) * triton.cdiv(K, config.block_n),)
-    _conv2d_kernel[grid](
-        *args, **constexprs, POOL=pool is not None, PRECISION=precision, DOT_FP32=dot_fp32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)
-    return dest.copy_(y) if dot_fp32 else y
+    if cfg.split_k > 1:
+        t["ws"] = torch.empty(cfg.split_k * p.m * p.k, dtype=torch.float32, device=x.device)
+    args, constexprs, grid, reduce = _arguments(p, cfg, x.dtype, t, dot_fp32)
+    _conv2d_kernel[grid](*args, **constexprs)
+    if reduce is not None:
+        _splitk_reduce_kernel[reduce[2]](*reduce[0], **reduce[1])
+    return dest.copy_(t["y"]) if dot_fp32 else y
+
+
+def _replace(p, **changes):
+    from dataclasses import replace
+    return replace(p, **changes)
+
+
+def _strides(t):
+    return None if t is None else tuple(t.stride())
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
@@ -296,25 +566,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
     (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer. As x loads:
     input_affine (2, C) fp32 scale and shift rows with activation input_act_code, then
     input_scale (N, C), a per-image channel scale. pool: (N, K) float32 for mean_hw(y)."""
-    N, C, H, W = x.shape
-    K, CG, R, S = weight.shape
-    groups = C // CG
-
-    def build(y, precision, dot_fp32):
-        res = residual if residual is not None else y
-        scale = input_scale if input_scale is not None else y
-        affine = input_affine if input_affine is not None else y
-        args = (x, weight, bias if bias is not None else y, res, y, scale, affine, y, y,
-                N, C, H, W, K, y.shape[2], y.shape[3], H, W, 0, 0, 0, 1, 1, 0, 0, 1, 1,
-                *x.stride(), scale.stride(0), scale.stride(1), affine.stride(0),
-                affine.stride(1), *weight.stride(), *res.stride(), *y.stride(),
-                stride[0], stride[1], padding[2], padding[0], dilation[0], dilation[1], CG,
-                K // groups)
-        return args, dict(R=R, S=S, GROUPED=groups > 1, HAS_SCALE=input_scale is not None,
-                          HAS_AFFINE=input_affine is not None, IN_ACT=input_act_code,
-                          DW=False, POOL_IN=0, RD=1, SD=1, DW_BIAS=False, DW_ACT=0,
-                          HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
-    return _launch(x, y, K, config, allow_tf32, build, pool)
+    groups = x.shape[1] // weight.shape[1]
+    if input_scale is not None:
+        input_scale = input_scale.contiguous()
+    if input_affine is not None:
+        input_affine = input_affine.contiguous()
+    p = Conv2dProblem.of_conv(
+        x.shape, weight.shape, stride, padding, dilation, groups, bias=bias is not None,
+        residual=residual is not None, activation=act_code,
+        input_scale=None if input_scale is None else input_scale.dtype,
+        input_affine=None if input_affine is None else input_affine.dtype,
+        input_activation=input_act_code, pooled=pool is not None, x_strides=_strides(x),
+        y_strides=_strides(y), w_strides=_strides(weight), residual_strides=_strides(residual),
+        allow_tf32=allow_tf32)
+    return _run(p, config, dict(x=x, w=weight, bias=bias, res=residual, y=y, scale=input_scale,
+                                affine=input_affine, pool=pool))
 
 
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_stride, dw_padding,
@@ -324,28 +590,17 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_strid
     """A depthwise conv (C channels, any kernel, stride, padding, dilation) and the 1x1 conv
     that reads it, as one kernel: the depthwise output is computed tile by tile as the 1x1's
     input loads and never goes to memory. dw_weight is (C, 1, KH, KW) in any layout."""
-    N, C, XH, XW = x.shape
-    K = weight.shape[0]
-    OH, OW = y.shape[2:]
-
-    def build(y, precision, dot_fp32):
-        res = residual if residual is not None else y
-        args = (x, weight, bias if bias is not None else y, res, y, y, y, dw_weight,
-                dw_bias if dw_bias is not None else y,
-                N, C, OH, OW, K, OH, OW, XH, XW,
-                dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3),
-                dw_stride[0], dw_stride[1], dw_padding[2], dw_padding[0], dw_dilation[0],
-                dw_dilation[1],
-                *x.stride(), 0, 0, 0, 0, *weight.stride(), *res.stride(), *y.stride(),
-                1, 1, 0, 0, 1, 1, C, K)
-        return args, dict(R=1, S=1, GROUPED=False, HAS_SCALE=False, HAS_AFFINE=False, IN_ACT=0,
-                          DW=True, POOL_IN=0, RD=dw_weight.shape[2], SD=dw_weight.shape[3],
-                          DW_BIAS=dw_bias is not None, DW_ACT=dw_act_code,
-                          HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
-    return _launch(x, y, K, config, allow_tf32, build)
-
-
-POOL_MODES = {"max": 1, "avg": 2, "avg_valid": 3}  # avg_valid: the padding is not counted
+    n, c, xh, xw = x.shape
+    win = Window("dw", tuple(dw_weight.shape[2:]), tuple(dw_stride), tuple(dw_padding),
+                 tuple(dw_dilation), dw_bias is not None, dw_act_code,
+                 (dw_weight.stride(0), dw_weight.stride(2), dw_weight.stride(3)))
+    p = Conv2dProblem(n, c, xh, xw, weight.shape[0], bias=bias is not None,
+                      residual=residual is not None, activation=act_code, window=win,
+                      x_strides=_strides(x), y_strides=_strides(y), w_strides=_strides(weight),
+                      residual_strides=_strides(residual), allow_tf32=allow_tf32,
+                      out_size=tuple(y.shape[2:]))
+    return _run(p, config, dict(x=x, w=weight, bias=bias, res=residual, y=y, dw=dw_weight,
+                                dwb=dw_bias))
 
 
 def pool_conv2d(x: torch.Tensor, mode: str, kernel_size, stride, padding, weight: torch.Tensor,
@@ -354,41 +609,11 @@ def pool_conv2d(x: torch.Tensor, mode: str, kernel_size, stride, padding, weight
     """A max or average pool (any window, stride, zero or -inf padding; padding =
     (left, right, top, bottom)) and the 1x1 conv that reads it, as one kernel: the pooled tile
     is computed as the conv's input loads and never goes to memory."""
-    N, C, XH, XW = x.shape
-    K = weight.shape[0]
-    OH, OW = y.shape[2:]
-
-    def build(y, precision, dot_fp32):
-        res = residual if residual is not None else y
-        args = (x, weight, bias if bias is not None else y, res, y, y, y, y, y,
-                N, C, OH, OW, K, OH, OW, XH, XW, 0, 0, 0,
-                stride[0], stride[1], padding[2], padding[0], 1, 1,
-                *x.stride(), 0, 0, 0, 0, *weight.stride(), *res.stride(), *y.stride(),
-                1, 1, 0, 0, 1, 1, C, K)
-        return args, dict(R=1, S=1, GROUPED=False, HAS_SCALE=False, HAS_AFFINE=False, IN_ACT=0,
-                          DW=False, POOL_IN=POOL_MODES[mode], RD=kernel_size[0],
-                          SD=kernel_size[1], DW_BIAS=False, DW_ACT=0,
-                          HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code)
-    return _launch(x, y, K, config, allow_tf32, build)
-
-
-def compile_ahead(config: Conv2dConfig, dtype: torch.dtype, kernel_hw=(3, 3), act_code: int = 1,
-                  has_residual: bool = True, grouped: bool = False, has_scale: bool = False,
-                  has_affine: bool = False, depthwise=None, pool: bool = False,
-                  pool_in=None, pool_window=None, capability: int = 90):
-    """The kernel compiled for `capability` without a GPU (see kernels/aot.py)."""
-    constexprs = dict(R=kernel_hw[0], S=kernel_hw[1], GROUPED=grouped, HAS_SCALE=has_scale,
-                      HAS_AFFINE=has_affine, IN_ACT=1 if has_affine else 0,
-                      DW=depthwise is not None, POOL_IN=POOL_MODES.get(pool_in, 0),
-                      RD=(depthwise or pool_window or (1, 1))[0],
-                      SD=(depthwise or pool_window or (1, 1))[1], DW_BIAS=depthwise is not None,
-                      DW_ACT=2 if depthwise is not None else 0,
-                      HAS_BIAS=True, HAS_RES=has_residual, POOL=pool,
-                      ACT=act_code, PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                      DOT_FP32=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                      BLOCK_K=config.block_k, GROUP_M=config.group_m)
-    pointers = dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "y_ptr", "scale_ptr"), dtype)
-    pointers["affine_ptr"] = torch.float32
-    pointers.update(dw_ptr=dtype, dwb_ptr=dtype, pool_ptr=torch.float32)
-    return compile_for(_conv2d_kernel, constexprs, pointers, config.num_warps, config.num_stages,
-                       capability, floats=("pool_scale",))
+    n, c, xh, xw = x.shape
+    win = Window(mode, tuple(kernel_size), tuple(stride), tuple(padding))
+    p = Conv2dProblem(n, c, xh, xw, weight.shape[0], bias=bias is not None,
+                      residual=residual is not None, activation=act_code, window=win,
+                      x_strides=_strides(x), y_strides=_strides(y), w_strides=_strides(weight),
+                      residual_strides=_strides(residual), allow_tf32=allow_tf32,
+                      out_size=tuple(y.shape[2:]))
+    return _run(p, config, dict(x=x, w=weight, bias=bias, res=residual, y=y))

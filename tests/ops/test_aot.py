@@ -1,6 +1,7 @@
 """The Triton kernels compiled ahead of time for Hopper (sm_90) on a machine without a GPU:
-the conv kernel must build at the tile shapes the autotuner offers and use the tensor cores
-(wgmma in the PTX, HGMMA in the SASS). Compiling needs TRITON_INTERPRET unset, so it runs in a
+the conv kernel, specialised as a launch of each shape specialises it (compile_for_shape), must
+build at the tile shapes the autotuner offers, use the tensor cores (wgmma in the PTX, HGMMA in
+the SASS) and copy 16 bytes at a time where channels allow. Compiling needs TRITON_INTERPRET unset, so it runs in a
 subprocess."""
 import os
 import re
@@ -20,20 +21,34 @@ CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grou
     ("CONFIGS[4]", "bfloat16", (1, 1), False, "avg_valid_pool_in"),
     ("Conv2dConfig(64, 64, 32, 4, 3)", "float16", (1, 7), False, ""),
     ("CONFIGS[5]", "float32", (7, 7), False, ""),
+    ("Conv2dConfig(128, 64, 32, 4, 4)", "float16", (7, 7), False, "stem"),
+    ("Conv2dConfig(128, 128, 64, 8, 4, split_k=3)", "float16", (3, 3), False, ""),
     ("GROUPED_CONFIGS[0]", "float16", (3, 3), True, ""),
     ("GROUPED_CONFIGS[2]", "bfloat16", (3, 3), True, ""),
 ]
 
+# Each case compiled as the runtime specialises it (compile_for_shape) at a shape of its kind.
 SCRIPT = """
 import sys, torch
-from cnnfuse.kernels.conv2d import CONFIGS, GROUPED_CONFIGS, Conv2dConfig, compile_ahead
+from cnnfuse.kernels.conv2d import (CONFIGS, GROUPED_CONFIGS, Conv2dConfig, Conv2dProblem,
+                                    Window, compile_for_shape)
 config, dtype, kernel, out = eval(sys.argv[1]), getattr(torch, sys.argv[2]), eval(sys.argv[3]), sys.argv[4]
-compiled = compile_ahead(config, dtype, kernel, act_code=3, grouped=sys.argv[5] == "True",
-                         has_scale=sys.argv[6] == "scale", has_affine=sys.argv[6] == "affine",
-                         depthwise=(3, 3) if sys.argv[6] == "depthwise" else None,
-                         pool=sys.argv[6] == "pool",
-                         pool_in=sys.argv[6][:-8] if sys.argv[6].endswith("_pool_in") else None,
-                         pool_window=(3, 3))
+grouped, prologue = sys.argv[5] == "True", sys.argv[6]
+pad = (kernel[1] // 2, kernel[1] // 2, kernel[0] // 2, kernel[0] // 2)
+window = None
+if prologue == "depthwise":
+    window = Window("dw", (3, 3), (1, 1), (1, 1, 1, 1), bias=True, activation=2,
+                    weight_strides=(9, 3, 1))
+elif prologue.endswith("_pool_in"):
+    window = Window(prologue[:-8], (3, 3), (1, 1), (1, 1, 1, 1))
+problem = Conv2dProblem(
+    8, 3 if prologue == "stem" else 128, 28, 28, 64 if grouped else 256, *kernel,
+    stride=(2, 2) if prologue == "stem" else (1, 1), padding=pad, groups=32 if grouped else 1,
+    residual=True, activation=3, input_scale=dtype if prologue == "scale" else None,
+    input_affine=torch.float32 if prologue == "affine" else None,
+    input_activation=1 if prologue == "affine" else 0, pooled=prologue == "pool",
+    window=window)
+compiled = compile_for_shape(problem, config, dtype)
 open(out + ".ptx", "w").write(compiled.asm["ptx"])
 open(out + ".cubin", "wb").write(compiled.asm["cubin"])
 """
@@ -64,6 +79,8 @@ def test_conv2d_compiles_for_sm90_with_tensor_cores(config, dtype, kernel, group
     sass = subprocess.run([str(_cuobjdump()), "-sass", f"{out}.cubin"], capture_output=True,
                           text=True, check=True).stdout
     assert "HGMMA" in sass, "no HGMMA instruction in the SASS"
+    if not grouped:  # channels (or the stem's padded ones) a multiple of 8: 16-byte copies
+        assert re.search(r"LDGSTS\.E\.BYPASS(\.LTC128B)?\.128", sass), "no 16-byte async copies"
 
 
 SE_GATE = """

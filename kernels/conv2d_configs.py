@@ -1,0 +1,271 @@
+"""What one call of the Triton conv kernel computes (Conv2dProblem), the tile configs it can run
+with (Conv2dConfig), which of them are worth timing for a problem, and the untimed default.
+
+The problem is the single description shared by the runtime launcher and the ahead-of-time
+compile (kernels/conv2d.py builds the launch arguments from it in both cases), so the kernel
+that is checked statically is the kernel that runs.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+SM_COUNT = 132  # H100 SXM / H200: the tiles-per-wave rule assumes it
+SHARED_BYTES = 220 * 1024  # usable shared memory per block on sm_90, with some slack
+STEM_CHANNELS = 8  # few-channel inputs are padded to this many channels (16-byte pixels)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window computed in the conv's load stage, whose output the 1x1 conv reads:
+    kind "dw" (a depthwise conv; weight_strides are its (C, 1, KH, KW) weight's strides of
+    dims 0, 2, 3), or a pool "max", "avg" (padding counted) or "avg_valid" (not counted).
+    padding is (left, right, top, bottom)."""
+    kind: str
+    kernel: tuple
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)
+    dilation: tuple = (1, 1)
+    bias: bool = False
+    activation: int = 0
+    weight_strides: tuple = (0, 0, 0)
+
+    def __post_init__(self):
+        if self.kind not in ("dw", "max", "avg", "avg_valid"):
+            raise ValueError(f"Window.kind must be dw, max, avg or avg_valid; got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Conv2dProblem:
+    """One conv call. x is (n, c, h, w); the weight (k, c // groups, r, s); padding is (left,
+    right, top, bottom). With a window, x is the window's input and the conv is 1x1 on its
+    output. Strides of None mean a dense channels_last tensor; a tuple (NCHW order, in
+    elements) describes a view, e.g. a channel slice of a wider buffer. *_aligned: whether
+    that tensor's data pointer is 16-byte aligned. input_scale / input_affine: None when absent,
+    else the dtype of that tensor (contiguous (n, c) and (2, c)). Activations are
+    cnnfuse.ref.activation codes."""
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int = 1
+    s: int = 1
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    residual: bool = False
+    activation: int = 0
+    input_scale: Optional[torch.dtype] = None
+    input_affine: Optional[torch.dtype] = None
+    input_activation: int = 0
+    pooled: bool = False
+    window: Optional[Window] = None
+    x_strides: Optional[tuple] = None
+    y_strides: Optional[tuple] = None
+    w_strides: Optional[tuple] = None
+    residual_strides: Optional[tuple] = None
+    x_aligned: bool = True
+    y_aligned: bool = True
+    allow_tf32: bool = True
+    out_size: Optional[tuple] = None  # (OH, OW) when given (a ceil-mode pool window)
+
+    @property
+    def out_hw(self) -> tuple:
+        if self.out_size is not None:
+            return tuple(self.out_size)
+        if self.window is not None:
+            kernel, stride, pad, dil = (self.window.kernel, self.window.stride,
+                                        self.window.padding, self.window.dilation)
+        else:
+            kernel, stride, pad, dil = (self.r, self.s), self.stride, self.padding, self.dilation
+        oh = (self.h + pad[2] + pad[3] - dil[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        ow = (self.w + pad[0] + pad[1] - dil[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        return oh, ow
+
+    @property
+    def m(self) -> int:
+        """GEMM rows: output pixels."""
+        oh, ow = self.out_hw
+        return self.n * oh * ow
+
+    @property
+    def stem(self) -> bool:
+        """Few input channels (an RGB or grey stem): x and the weight are padded to
+        STEM_CHANNELS and each kernel row's (s, c) taps form one contiguous reduction."""
+        return (self.groups == 1 and self.c < STEM_CHANNELS and self.window is None
+                and self.input_scale is None and self.input_affine is None
+                and self.dilation[1] == 1)
+
+    def reduction_steps(self, block_k: int) -> int:
+        """Steps of the kernel's one reduction loop at this BLOCK_K (per tile; grouped tiles
+        spanning one group)."""
+        if self.stem:
+            return self.r * triton.cdiv(self.s * STEM_CHANNELS, block_k)
+        cg = self.c // self.groups
+        return self.r * self.s * triton.cdiv(cg if self.groups > 1 else self.c, block_k)
+
+    @staticmethod
+    def gemm(m: int, k: int, c: int, groups: int = 1) -> "Conv2dProblem":
+        """A 1x1 conv of m rows, k output channels and c input channels: the GEMM those
+        numbers describe, for callers that know only them."""
+        return Conv2dProblem(n=1, c=c, h=m, w=1, k=k, groups=groups)
+
+    @staticmethod
+    def of_conv(x_shape, w_shape, stride, padding, dilation, groups: int = 1,
+                **flags) -> "Conv2dProblem":
+        n, c, h, w = x_shape
+        k, _, r, s = w_shape
+        return Conv2dProblem(n, c, h, w, k, r, s, tuple(stride), tuple(padding),
+                             tuple(dilation), groups, **flags)
+
+
+@dataclass(frozen=True)
+class Conv2dConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    split_k: int = 1  # the reduction split over this many programs, summed in fixed order
+
+    @property
+    def name(self) -> str:
+        return (f"triton_m{self.block_m}n{self.block_n}k{self.block_k}"
+                f"w{self.num_warps}s{self.num_stages}"
+                + (f"sk{self.split_k}" if self.split_k > 1 else ""))
+
+    def shared_bytes(self, element_size: int) -> int:
+        """Shared memory of the pipelined operand buffers."""
+        return (self.num_stages * (self.block_m + self.block_n) * self.block_k
+                * element_size)
+
+
+# Hopper candidates. One pipelined loop covers the whole (r, s, c) reduction, so stage counts
+# run 3-5 at every kernel size; 8 warps (two warpgroups) for the 128-row and wider tiles.
+CONFIGS = (
+    Conv2dConfig(128, 128, 64, 8, 4),
+    Conv2dConfig(128, 256, 64, 8, 3),
+    Conv2dConfig(256, 128, 64, 8, 3),
+    Conv2dConfig(128, 64, 64, 4, 4),
+    Conv2dConfig(64, 128, 64, 4, 4),
+    Conv2dConfig(128, 128, 32, 8, 5),
+    Conv2dConfig(64, 64, 64, 4, 4),
+    Conv2dConfig(64, 64, 32, 4, 5),
+    Conv2dConfig(32, 64, 64, 4, 4),
+    Conv2dConfig(32, 32, 32, 2, 4),
+)
+
+# Grouped convs: narrow N tiles keep the zero blocks of the packed weight tile small.
+GROUPED_CONFIGS = (
+    Conv2dConfig(128, 16, 16, 4, 3),
+    Conv2dConfig(256, 16, 16, 4, 3),
+    Conv2dConfig(128, 32, 32, 4, 3),
+    Conv2dConfig(256, 32, 32, 8, 3),
+    Conv2dConfig(64, 32, 32, 4, 4),
+    Conv2dConfig(128, 64, 64, 4, 3),
+    Conv2dConfig(64, 64, 64, 4, 3),
+    Conv2dConfig(128, 128, 64, 8, 3),
+)
+
+# Large tiles keep the interpreter's per-program overhead down on the CPU.
+INTERPRETER_CONFIG = Conv2dConfig(64, 64, 32, 4, 1)
+INTERPRETER_GROUPED_CONFIG = Conv2dConfig(64, 16, 16, 4, 1)
+
+SPLITS = (2, 3, 4, 6, 8, 12, 16)
+MIN_STEPS_PER_SPLIT = 4  # fewer and the partial sums' traffic outweighs the overlap
+
+
+def _as_problem(problem, k, c, groups) -> Conv2dProblem:
+    if isinstance(problem, Conv2dProblem):
+        return problem
+    if k is None or c is None:
+        raise TypeError("candidate_configs/default_config take a Conv2dProblem, or m, k, c")
+    return Conv2dProblem.gemm(problem, k, c, groups)
+
+
+def _tiles(p: Conv2dProblem, cfg: Conv2dConfig) -> int:
+    return triton.cdiv(p.m, cfg.block_m) * triton.cdiv(p.k, cfg.block_n)
+
+
+def _split_for(p: Conv2dProblem, cfg: Conv2dConfig) -> int:
+    """The smallest split that brings the tile count to about two waves, if the reduction is
+    deep enough to afford it; 1 if none."""
+    tiles, steps = _tiles(p, cfg), p.reduction_steps(cfg.block_k)
+    if tiles >= 2 * SM_COUNT:
+        return 1
+    for split in SPLITS:
+        if steps < split * MIN_STEPS_PER_SPLIT:
+            break
+        if tiles * split >= 2 * SM_COUNT:
+            return split
+    fitting = [sp for sp in SPLITS if steps >= sp * MIN_STEPS_PER_SPLIT]
+    return fitting[-1] if fitting else 1
+
+
+def candidate_configs(problem, k: Optional[int] = None, c: Optional[int] = None,
+                      groups: int = 1, dtype: Optional[torch.dtype] = None
+                      ) -> list[Conv2dConfig]:
+    """Configs worth timing for `problem` (a Conv2dProblem; or m, k, c[, groups] of a plain
+    GEMM, the older form): tiles that are not mostly padding, operand buffers that fit in
+    shared memory at dtype's size (fp16 if None), and split-K versions of the dense tiles
+    that fill fewer than two waves."""
+    p = _as_problem(problem, k, c, groups)
+    size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
+    if p.groups > 1:
+        kg = p.k // p.groups
+        # a tile should not span more groups than it must, nor half-fill one group
+        out = [cfg for cfg in GROUPED_CONFIGS
+               if cfg.block_n <= max(16, triton.next_power_of_2(min(p.k, max(kg, 32))))
+               and cfg.block_m <= max(64, triton.next_power_of_2(p.m))
+               and cfg.shared_bytes(size) <= SHARED_BYTES]
+        return out or [GROUPED_CONFIGS[0]]
+    depth = p.s * STEM_CHANNELS if p.stem else p.c
+
+    def fits(cfg):
+        return (cfg.block_n <= max(32, triton.next_power_of_2(p.k))
+                and cfg.block_k <= max(32, triton.next_power_of_2(depth))
+                and cfg.block_m <= max(32, triton.next_power_of_2(p.m))
+                and cfg.shared_bytes(size) <= SHARED_BYTES)
+    out = [cfg for cfg in CONFIGS if fits(cfg)] or [CONFIGS[-1]]
+    split = []
+    for cfg in out[:6]:  # the larger tiles: where few waves hurt
+        sk = _split_for(p, cfg)
+        if sk > 1:
+            split.append(Conv2dConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
+                                      cfg.num_stages, cfg.group_m, sk))
+    return out + split
+
+
+def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
+                   groups: int = 1, dtype: Optional[torch.dtype] = None) -> Conv2dConfig:
+    """The untimed pick (autotuning off, first call inside a CUDA graph), a per-shape rule:
+    the largest tile that still gives two waves of tiles on SM_COUNT SMs with little of the
+    last wave idle; if none does, the largest tile with split-K bringing it to two waves;
+    failing both, the tile that makes the most programs."""
+    p = _as_problem(problem, k, c, groups)
+    cands = candidate_configs(p, dtype=dtype)
+    plain = [cfg for cfg in cands if cfg.split_k == 1]
+
+    def area(cfg):
+        return cfg.block_m * cfg.block_n
+
+    def wave_efficiency(cfg):
+        tiles = _tiles(p, cfg)
+        return tiles / (triton.cdiv(tiles, SM_COUNT) * SM_COUNT)
+    full = [cfg for cfg in plain if _tiles(p, cfg) >= 2 * SM_COUNT]
+    if full:
+        # the largest tile whose last wave is at least 3/4 full, else the best-filled one
+        good = [cfg for cfg in full if wave_efficiency(cfg) >= 0.75]
+        pool = good or full
+        return max(pool, key=lambda cfg: (area(cfg) if good else wave_efficiency(cfg),
+                                          cfg.block_k, -cfg.num_stages))
+    split = [cfg for cfg in cands if cfg.split_k > 1]
+    if split and p.groups == 1:
+        return max(split, key=lambda cfg: (min(_tiles(p, cfg) * cfg.split_k, 2 * SM_COUNT),
+                                           area(cfg)))
+    return max(plain, key=lambda cfg: (_tiles(p, cfg), area(cfg)))
