@@ -24,21 +24,21 @@ $(VENV)/.deps: requirements.txt
 	touch $@
 
 # Keeps, of pip's verbose build output, setup.py's own lines, one line per compile step
-# (ninja's "[i/n] <command>" shortened to the source it compiles, with the time since the
-# start), the link, and errors.
+# (ninja's "[i/n] <command>", printed as each one ends when the output is not a terminal,
+# shortened to the source it compiled, with the time since the start), the link, and errors.
 define BUILD_FILTER
 import re, sys, time
 start = time.time()
 for line in sys.stdin:
-    line = line.rstrip()
+    line = line.strip()  # pip -v indents the backend's output
     step = re.match(r"\[(\d+)/(\d+)\] (.*)", line)
     if step:
         source = re.search(r"(\S+\.(?:cu|cpp))(?=\s+-o\s)", step[3])
         what = source[1].split("/csrc/")[-1] if source else step[3][:60]
-        print(f"  [{time.time() - start:5.0f} s] compile {step[1]}/{step[2]}: {what}", flush=True)
+        print(f"  [{time.time() - start:5.0f} s] compiled {step[1]}/{step[2]}: {what}", flush=True)
     elif " -shared " in line:
         print(f"  [{time.time() - start:5.0f} s] link cnnfuse._C", flush=True)
-    elif "cnnfuse:" in line or re.search(r"\berror\b|FAILED|Traceback", line, re.I):
+    elif line.startswith("cnnfuse: ") or re.search(r"\berror\b|FAILED|Traceback", line, re.I):
         print(line, flush=True)
 endef
 export BUILD_FILTER

@@ -29,8 +29,12 @@ def _find(relative: str):
     return next((d for d in _site_dirs() if (d / relative).exists()), None)
 
 
+_NOTES = []  # what the build says it does, printed when build_ext runs (pip runs this file
+#              more than once, to ask for the build requirements first)
+
+
 def _say(message: str) -> None:
-    print(f"cnnfuse: {message}", flush=True)
+    _NOTES.append(f"cnnfuse: {message}")
 
 
 def arch_list(torch, environ=os.environ) -> tuple[str, str]:
@@ -46,8 +50,8 @@ def arch_list(torch, environ=os.environ) -> tuple[str, str]:
         archs[-1] += "+PTX"
         return ";".join(archs), "the visible GPUs: " + ", ".join(
             f"{name} (sm_{major}{minor})" for (major, minor), name in sorted(gpus.items()))
-    return "9.0+PTX", ("no GPU visible and TORCH_CUDA_ARCH_LIST unset: sm_90 only (set "
-                       "TORCH_CUDA_ARCH_LIST, e.g. \"8.0;8.6;9.0\", for other GPUs)")
+    return "9.0+PTX", ("no GPU visible and TORCH_CUDA_ARCH_LIST unset, so sm_90 only; for other "
+                       "GPUs set TORCH_CUDA_ARCH_LIST, e.g. \"8.0;8.6;9.0\"")
 
 
 def _extension():
@@ -97,8 +101,8 @@ def _extension():
         _say("cuDNN frontend headers or libcudnn not found; building without the cuDNN "
              "runtime-fusion backend (pip install nvidia-cudnn-frontend)")
     nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
-    _say(f"building _C with CUDA {torch.version.cuda} for archs {archs} ({why}); "
-         f"{len(sources)} sources, MAX_JOBS={os.environ['MAX_JOBS']}")
+    _say(f"building _C with CUDA {torch.version.cuda} for archs {archs}: {why}")
+    _say(f"{len(sources)} sources, MAX_JOBS={os.environ['MAX_JOBS']}")
     return cpp_extension.CUDAExtension(
         "cnnfuse._C", sources, define_macros=macros, include_dirs=include_dirs,
         libraries=libraries, library_dirs=library_dirs, extra_link_args=link_args,
@@ -107,7 +111,13 @@ def _extension():
 
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
-    return BuildExtension.with_options(use_ninja=True)
+
+    class Build(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            for note in _NOTES:
+                print(note, flush=True)
+            super().run()
+    return Build
 
 
 # Under pip (setuptools' build backend) and `python setup.py` alike this file runs as
@@ -122,7 +132,8 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         package_dir={"cnnfuse": "pyext", "cnnfuse.kernels": "kernels", "cnnfuse.models": "models"},
         packages=["cnnfuse", "cnnfuse.ops", "cnnfuse.ref", "cnnfuse.bench", "cnnfuse.kernels",
-                  "cnnfuse.models"],
+                  "cnnfuse.models", "cnnfuse.models.modules", "cnnfuse.models.passes",
+                  "cnnfuse.models.architectures"],
         ext_modules=[_extension()],
         cmdclass={"build_ext": _build_ext()},
         install_requires=["torch>=2.6", "triton>=3.3", "tqdm"],
