@@ -10,8 +10,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Strips of 4 (large grids) are bounded to 128 registers, two blocks (16 warps) per SM: at
+// their natural 141-202 registers one block fits and its loads have nothing to hide behind.
+// 7x7 (and fp32 5x5) strips spill under that bound, so they keep one block; one output per
+// thread needs fewer registers anyway.
 template <typename T, typename V>
-__global__ void __launch_bounds__(kThreads)
+constexpr int kMinBlocks =
+    V::tw > 1 && (V::kh == 3 || (V::kh == 5 && sizeof(T) <= 2)) ? 2 : 1;
+
+template <typename T, typename V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T, V>)
     depthwise_conv2d_kernel(const DwParams p, const DwOperands<T> o, const DwGrid g) {
   float sum[V::vec];
   int64_t n, k0;

@@ -9,8 +9,8 @@
 // instead of a pass over `out`. The CPU build runs the same blocks thread by thread with the
 // same functions, so CI tests the indexing and arithmetic that the GPU executes. Variants:
 //   * fixed: square 3/5/7 kernels, stride 1 or 2, no dilation, mult 1, 16-byte channel vectors.
-//     Each input row window of (TW-1)·S + KW columns is loaded once and reused by all TW
-//     outputs and all KW taps; TW = 4 for large grids, 1 when the grid must be spread over
+//     Each input row window of (TW-1)·S + KW columns is loaded once (streamed, column by
+//     column) and reused by all TW outputs and all KW taps; TW = 4 for large grids, 1 when the grid must be spread over
 //     every SM (batch 1).
 //   * generic: any kernel, stride, dilation and multiplier; VEC-wide when the channels allow.
 #pragma once
@@ -18,6 +18,8 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../common/activation.h"
@@ -30,6 +32,7 @@ struct DwParams {
   int64_t N, C, H, W, K, OH, OW;
   int kh, kw, sh, sw, dh, dw, pad_top, pad_left, mult, act;
   bool bias_fp32;  // bias is float32 (else x's dtype)
+  bool bias_wide;  // bias starts on a 16-byte boundary: read in 16-byte vectors
   float pool_scale;  // 1 / (OH · OW)
   Strides4 x, res, out;
   int64_t w_k, w_r, w_s;  // weight strides: output channel, kernel row, kernel column
@@ -65,16 +68,87 @@ CNNFUSE_HD void dw_load(const T* p, int64_t step, float (&v)[VEC]) {
   }
 }
 
+// The VEC bias values of a strip, read once for all its outputs, in 16-byte accesses where the
+// bias is aligned (p.bias_wide); zeros without a bias. Held across a thread's strips they
+// would cost 8 registers that the strips' 128-register bound cannot spare.
+template <typename B, int VEC>
+CNNFUSE_HD void dw_load_bias(const B* b, bool wide, float (&v)[VEC]) {
+  constexpr int kPer = 16 / int(sizeof(B)) < VEC ? 16 / int(sizeof(B)) : VEC;
+  if (wide) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += kPer) {
+      const Vec<B, kPer> raw = *reinterpret_cast<const Vec<B, kPer>*>(b + i);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) v[i + j] = static_cast<float>(raw.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = static_cast<float>(b[j]);
+  }
+}
+
+template <typename T, int VEC>
+CNNFUSE_HD void dw_bias(const DwParams& p, const DwOperands<T>& o, int64_t k0,
+                        float (&v)[VEC]) {
+  if (o.bias == nullptr) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = 0.f;
+  } else if (p.bias_fp32) {
+    dw_load_bias<float, VEC>(static_cast<const float*>(o.bias) + k0, p.bias_wide, v);
+  } else {
+    dw_load_bias<T, VEC>(static_cast<const T*>(o.bias) + k0, p.bias_wide, v);
+  }
+}
+
+#ifdef __CUDACC__
+template <typename T>
+__device__ __forceinline__ uint32_t dw_bits(const T& v) {  // raw bits, zero-extended
+  if constexpr (sizeof(T) == 2) {
+    uint16_t b;
+    memcpy(&b, &v, 2);
+    return b;
+  } else {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return b;
+  }
+}
+#endif
+
+// One vector of channels to global memory. On the GPU a 16-byte vector of 2- or 4-byte values
+// is packed into four 32-bit words and stored by one st.global.v4 (STG.E.128): stored as a Vec,
+// nvcc splits it into 32-bit (or 16-bit) stores. The callers guarantee 16-byte alignment.
+template <typename T, int VEC>
+CNNFUSE_HD void dw_store_vec(T* dst, const Vec<T, VEC>& v) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(Vec<T, VEC>) == 16 && sizeof(T) <= 4) {
+    constexpr int kPer = 4 / int(sizeof(T));
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = dw_bits(v.v[i * kPer]);
+      if constexpr (kPer == 2) w[i] |= dw_bits(v.v[i * kPer + 1]) << 16;
+    }
+    // in PTX: through a uint4, nvcc still splits the store (the alignment is not carried)
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+    return;
+  }
+#endif
+  if constexpr (VEC == 1) *dst = v.v[0];
+  else *reinterpret_cast<Vec<T, VEC>*>(dst) = v;
+}
+
 // bias + residual + activation for VEC channels of one output pixel, then one wide store; the
 // stored (rounded) values are added to `sum`, so the pool sees exactly what `out` holds.
 template <typename T, int VEC>
 CNNFUSE_HD void dw_store(const DwParams& p, const DwOperands<T>& o, int64_t n, int64_t oh,
-                         int64_t ow, int64_t k0, float (&acc)[VEC], float (&sum)[VEC]) {
+                         int64_t ow, int64_t k0, const float (&bias)[VEC], float (&acc)[VEC],
+                         float (&sum)[VEC]) {
   if (o.bias) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      acc[j] += p.bias_fp32 ? static_cast<const float*>(o.bias)[k0 + j]
-                            : static_cast<float>(static_cast<const T*>(o.bias)[k0 + j]);
+    for (int j = 0; j < VEC; ++j) acc[j] += bias[j];
   }
   if (o.res) {
     float r[VEC];
@@ -82,15 +156,13 @@ CNNFUSE_HD void dw_store(const DwParams& p, const DwOperands<T>& o, int64_t n, i
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] += r[j];
   }
-  T* dst = o.out + n * p.out.n + oh * p.out.h + ow * p.out.w + k0 * p.out.c;
   Vec<T, VEC> v;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     v.v[j] = static_cast<T>(activate(acc[j], p.act));
     sum[j] += static_cast<float>(v.v[j]);
   }
-  if constexpr (VEC == 1) *dst = v.v[0];
-  else *reinterpret_cast<Vec<T, VEC>*>(dst) = v;
+  dw_store_vec<T, VEC>(o.out + n * p.out.n + oh * p.out.h + ow * p.out.w + k0 * p.out.c, v);
 }
 
 template <typename T, typename V>
@@ -106,34 +178,41 @@ CNNFUSE_HD void dw_fixed_strip(const DwParams& p, const DwOperands<T>& o, int64_
   const int64_t ih0 = oh * S - p.pad_top, iw0 = ow0 * S - p.pad_left;
   const T* xn = o.x + n * p.x.n + c0;
   const T* wc = o.w + c0 * p.w_k;
+  // The row's window is streamed: column i feeds, at once, every (output t, tap s) with
+  // t·S + s = i, then dies, so only the accumulators and the row's weights stay live (a
+  // window held whole does not fit two blocks' 128 registers). Each accumulator still sums
+  // its taps in (r, s) order.
 #pragma unroll
   for (int r = 0; r < KH; ++r) {
     const int64_t ih = ih0 + r;
     if (ih < 0 || ih >= p.H) continue;
-    float win[WIN][VEC];
+    float wv[KW][VEC];
+#pragma unroll
+    for (int s = 0; s < KW; ++s) dw_load<T, VEC>(wc + r * p.w_r + s * p.w_s, p.w_k, wv[s]);
 #pragma unroll
     for (int i = 0; i < WIN; ++i) {
       const int64_t iw = iw0 + i;
+      float col[VEC];
       if (iw >= 0 && iw < p.W) {
-        dw_load<T, VEC>(xn + ih * p.x.h + iw * p.x.w, 1, win[i]);
+        dw_load<T, VEC>(xn + ih * p.x.h + iw * p.x.w, 1, col);
       } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) win[i][j] = 0.f;
+        for (int j = 0; j < VEC; ++j) col[j] = 0.f;
+      }
+#pragma unroll
+      for (int s = 0; s < KW; ++s) {
+        const int t = (i - s) / S;
+        if (i < s || (i - s) % S != 0 || t >= TW) continue;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[t][j] += col[j] * wv[s][j];
       }
     }
-#pragma unroll
-    for (int s = 0; s < KW; ++s) {
-      float wv[VEC];
-      dw_load<T, VEC>(wc + r * p.w_r + s * p.w_s, p.w_k, wv);
-#pragma unroll
-      for (int t = 0; t < TW; ++t)
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) acc[t][j] += win[t * S + s][j] * wv[j];
-    }
   }
+  float bias[VEC];
+  dw_bias<T, VEC>(p, o, c0, bias);
 #pragma unroll
   for (int t = 0; t < TW; ++t)
-    if (ow0 + t < p.OW) dw_store<T, VEC>(p, o, n, oh, ow0 + t, c0, acc[t], sum);
+    if (ow0 + t < p.OW) dw_store<T, VEC>(p, o, n, oh, ow0 + t, c0, bias, acc[t], sum);
 }
 
 template <typename T, int VEC>
@@ -158,7 +237,9 @@ CNNFUSE_HD void dw_generic_point(const DwParams& p, const DwOperands<T>& o, int6
       for (int j = 0; j < VEC; ++j) acc[j] += xv[j] * wv[j];
     }
   }
-  dw_store<T, VEC>(p, o, n, oh, ow, k0, acc, sum);
+  float bias[VEC];
+  dw_bias<T, VEC>(p, o, k0, bias);
+  dw_store<T, VEC>(p, o, n, oh, ow, k0, bias, acc, sum);
 }
 
 // Blocks are (channel chunk, range of strips, image), chunk fastest. A chunk holds vb channel

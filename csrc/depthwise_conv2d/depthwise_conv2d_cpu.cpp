@@ -56,6 +56,7 @@ DwParams dw_params(const at::Tensor& x, const at::Tensor& weight,
   p.pad_top = int(padding[2]), p.pad_left = int(padding[0]);
   p.mult = int(K / C), p.act = int(activation);
   p.bias_fp32 = bias && bias->scalar_type() == at::kFloat;
+  p.bias_wide = bias && reinterpret_cast<uintptr_t>(bias->const_data_ptr()) % 16 == 0;
   p.pool_scale = 1.f / float(OH * OW);
   p.x = strides_of(x), p.out = strides_of(out);
   p.res = residual ? strides_of(*residual) : Strides4{0, 0, 0, 0};
