@@ -9,6 +9,7 @@ loading it runs no code from the file. A whole pickled model loads only when the
 trusts the file (`trust_pickle=True`), with a warning.
 """
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,16 +117,21 @@ def _read(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch names the first class the safe unpickler refused; anything else is damage
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused is None:
+            raise ValueError(f"--checkpoint {str(path)!r} could not be read by torch.load: not "
+                             "a torch.save file, or a damaged one") from None
         if not trust_pickle:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(
-                f"--checkpoint {str(path)!r} is not a plain state_dict: loading it with "
-                f"weights_only=True was refused ({first}). It may be a whole pickled model; "
-                "loading that runs code from the file, so only if you trust where it came "
-                "from, pass --trust-pickle (or save model.state_dict() instead)") from None
+                f"--checkpoint {str(path)!r} is not a plain state_dict: it pickles "
+                f"{refused[1]}, which loading with weights_only=True refuses. Loading it runs "
+                "code from the file: only if you trust where it came from, pass "
+                "--trust-pickle (or save model.state_dict() instead)") from None
     except Exception as exc:  # noqa: BLE001  (a truncated zip, not a torch.save file, ...)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"--checkpoint {str(path)!r} could not be read by torch.load: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{type(exc).__name__}: {first}") from None
     warnings.warn(f"--trust-pickle: loading {path} with weights_only=False, which runs any "
                   "code the file holds", UserWarning, stacklevel=3)
     try:
