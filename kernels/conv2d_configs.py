@@ -139,8 +139,13 @@ class Conv2dConfig:
                 f"w{self.num_warps}s{self.num_stages}"
                 + (f"sk{self.split_k}" if self.split_k > 1 else ""))
 
-    def shared_bytes(self, element_size: int) -> int:
-        """Shared memory of the pipelined operand buffers."""
+    def shared_bytes(self, element_size: int, taps: int = 1) -> int:
+        """Shared memory of the pipelined operand buffers; with a load-stage window of `taps`
+        taps, each tap's x tile is a buffer of its own, num_stages - 1 deep (as the sm_90
+        compile lays them out)."""
+        if taps > 1:
+            return ((self.num_stages - 1) * taps * self.block_m + self.num_stages * self.block_n
+                    ) * self.block_k * element_size
         return (self.num_stages * (self.block_m + self.block_n) * self.block_k
                 * element_size)
 
@@ -156,6 +161,8 @@ CONFIGS = (
     Conv2dConfig(128, 128, 32, 8, 5),
     Conv2dConfig(64, 64, 64, 4, 4),
     Conv2dConfig(64, 64, 32, 4, 5),
+    Conv2dConfig(128, 32, 64, 4, 4),  # narrow layers (MobileNet's 16-32 channel projections)
+    Conv2dConfig(64, 32, 64, 4, 4),
     Conv2dConfig(32, 64, 64, 4, 4),
     Conv2dConfig(32, 32, 32, 2, 4),
 )
@@ -170,6 +177,17 @@ GROUPED_CONFIGS = (
     Conv2dConfig(128, 64, 64, 4, 3),
     Conv2dConfig(64, 64, 64, 4, 3),
     Conv2dConfig(128, 128, 64, 8, 3),
+)
+
+# Load-stage windows (depthwise, pool): every tap's x tile is staged in shared memory, so
+# shallow pipelines; the plain configs stay candidates where they fit.
+WINDOW_CONFIGS = (
+    Conv2dConfig(128, 32, 32, 4, 2),
+    Conv2dConfig(128, 64, 32, 4, 2),
+    Conv2dConfig(64, 64, 32, 4, 2),
+    Conv2dConfig(64, 32, 32, 4, 2),
+    Conv2dConfig(64, 128, 32, 4, 2),
+    Conv2dConfig(128, 128, 32, 8, 2),
 )
 
 # Large tiles keep the interpreter's per-program overhead down on the CPU.
@@ -225,28 +243,42 @@ def candidate_configs(problem, k: Optional[int] = None, c: Optional[int] = None,
                and cfg.shared_bytes(size) <= SHARED_BYTES]
         return out or [GROUPED_CONFIGS[0]]
     depth = p.s * STEM_CHANNELS if p.stem else p.c
+    taps = p.window.kernel[0] * p.window.kernel[1] if p.window is not None else 1
 
     def fits(cfg):
         return (cfg.block_n <= max(32, triton.next_power_of_2(p.k))
                 and cfg.block_k <= max(32, triton.next_power_of_2(depth))
                 and cfg.block_m <= max(32, triton.next_power_of_2(p.m))
-                and cfg.shared_bytes(size) <= SHARED_BYTES)
-    out = [cfg for cfg in CONFIGS if fits(cfg)] or [CONFIGS[-1]]
+                and cfg.shared_bytes(size, taps) <= SHARED_BYTES)
+    pool = CONFIGS + WINDOW_CONFIGS if taps > 1 else CONFIGS
+    out = [cfg for cfg in pool if fits(cfg)] or [Conv2dConfig(32, 32, 32, 2, 1)]
     split = []
-    for cfg in out[:6]:  # the larger tiles: where few waves hurt
+    for cfg in out:
         sk = _split_for(p, cfg)
         if sk > 1:
             split.append(Conv2dConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
                                       cfg.num_stages, cfg.group_m, sk))
-    return out + split
+    return out + sorted(split, key=lambda cfg: _split_rank(p, cfg), reverse=True)[:MAX_SPLIT]
+
+
+MAX_SPLIT = 4  # split-K candidates timed per shape
+
+
+def _split_rank(p: Conv2dProblem, cfg: Conv2dConfig) -> tuple:
+    """Better split-K configs rank higher: a full wave of programs first, then fewest row
+    tiles (each reads the whole weight slice again: small-batch layers are weight-bound), then
+    four-warp (warpgroup) MMA, then the larger tile."""
+    programs = _tiles(p, cfg) * cfg.split_k
+    return (programs >= 0.75 * SM_COUNT, -triton.cdiv(p.m, cfg.block_m), cfg.num_warps >= 4,
+            cfg.block_m * cfg.block_n)
 
 
 def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
                    groups: int = 1, dtype: Optional[torch.dtype] = None) -> Conv2dConfig:
     """The untimed pick (autotuning off, first call inside a CUDA graph), a per-shape rule:
     the largest tile that still gives two waves of tiles on SM_COUNT SMs with little of the
-    last wave idle; if none does, the largest tile with split-K bringing it to two waves;
-    failing both, the tile that makes the most programs."""
+    last wave idle; if none does, the split-K config of best _split_rank; failing both, the
+    largest four-warp tile that still fills the SMs."""
     p = _as_problem(problem, k, c, groups)
     cands = candidate_configs(p, dtype=dtype)
     plain = [cfg for cfg in cands if cfg.split_k == 1]
@@ -266,6 +298,6 @@ def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
                                           cfg.block_k, -cfg.num_stages))
     split = [cfg for cfg in cands if cfg.split_k > 1]
     if split and p.groups == 1:
-        return max(split, key=lambda cfg: (min(_tiles(p, cfg) * cfg.split_k, 2 * SM_COUNT),
-                                           area(cfg)))
-    return max(plain, key=lambda cfg: (_tiles(p, cfg), area(cfg)))
+        return max(split, key=lambda cfg: _split_rank(p, cfg))
+    return max(plain, key=lambda cfg: (_tiles(p, cfg) >= 0.75 * SM_COUNT, cfg.num_warps >= 4,
+                                       area(cfg)))

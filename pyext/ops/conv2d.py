@@ -355,11 +355,11 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
         default = "depthwise"
     elif backend in ("auto", "triton"):
         from ..kernels import conv2d as kernel
-        oh, ow = output_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-        m = x.shape[0] * oh * ow
-        for cfg in kernel.candidate_configs(m, weight.shape[0], x.shape[1], groups):
+        problem = kernel.Conv2dProblem.of_conv(x.shape, weight.shape, stride, padding,
+                                               dilation, groups)
+        for cfg in kernel.candidate_configs(problem, dtype=x.dtype):
             candidates[cfg.name] = functools.partial(_triton, cfg, *triton_args)
-        default = kernel.default_config(m, weight.shape[0], x.shape[1], groups).name
+        default = kernel.default_config(problem, dtype=x.dtype).name
     else:
         default = "cudnn"
     if backend in ("auto", "cuda"):
