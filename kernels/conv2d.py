@@ -38,6 +38,8 @@ TMA (tensor descriptors) is not used: the activation box is a rectangle only at 
 without slices, and device-side descriptors need an allocator hook on 3.6 and 3.8 alike; the
 pointer path is the one path verified here.
 """
+import functools
+import logging
 import weakref
 
 import torch
@@ -47,8 +49,9 @@ import triton.language as tl
 from .activation import apply_activation
 from .aot import compile_specialised
 from .conv2d_configs import (CONFIGS, GROUPED_CONFIGS, INTERPRETER_CONFIG,  # noqa: F401
-                             INTERPRETER_GROUPED_CONFIG, STEM_CHANNELS, Conv2dConfig,
-                             Conv2dProblem, Window, candidate_configs, default_config)
+                             INTERPRETER_GROUPED_CONFIG, SHARED_BYTES, STEM_CHANNELS,
+                             Conv2dConfig, Conv2dProblem, Window, candidate_configs,
+                             default_config)
 
 _INT32_LIMIT = 2 ** 31 - 1
 POOL_MODES = {"max": 1, "avg": 2, "avg_valid": 3}  # avg_valid: the padding is not counted
@@ -481,6 +484,9 @@ def compile_for_shape(problem: Conv2dProblem, config: Conv2dConfig, dtype: torch
     16-byte aligned unless the problem says otherwise). Returns Triton's CompiledKernel
     (.asm["ttgir"], ["ptx"], ["cubin"]); with reduction=True that of the split-K sum instead
     (config.split_k > 1). Raises RuntimeError under TRITON_INTERPRET."""
+    if problem.window is not None:  # as _run launches it
+        config = _fitted(config, problem.window.kernel[0] * problem.window.kernel[1],
+                         torch.empty((), dtype=dtype).element_size())
     args, constexprs, _, reduce = _arguments(problem, config, dtype,
                                              _stand_ins(problem, dtype, config.split_k))
     if reduction:
@@ -523,9 +529,30 @@ def pad_channels(x: torch.Tensor) -> torch.Tensor:
     return buf.permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _fitted(cfg: Conv2dConfig, taps: int, element_size: int) -> Conv2dConfig:
+    """cfg with fewer stages if its operand buffers would not fit in shared memory (a config
+    chosen without knowing the window), said once."""
+    stages = cfg.num_stages
+    while stages > 1 and _stages(cfg, stages).shared_bytes(element_size, taps) > SHARED_BYTES:
+        stages -= 1
+    if stages != cfg.num_stages:
+        logging.getLogger("cnnfuse").warning(
+            "cnnfuse: conv2d config %s does not fit in shared memory with a %d-tap window; "
+            "running it with %d stages", cfg.name, taps, stages)
+    return _stages(cfg, stages)
+
+
+def _stages(cfg, stages):
+    from dataclasses import replace
+    return replace(cfg, num_stages=stages)
+
+
 def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
     """Launch the problem into tensors["y"] (and the pooled means into tensors["pool"])."""
     x, y, pool = tensors["x"], tensors["y"], tensors.get("pool")
+    if p.window is not None:
+        cfg = _fitted(cfg, p.window.kernel[0] * p.window.kernel[1], x.element_size())
     # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
     # products are exact in fp32, so an fp32 dot and an fp32 store rounded by torch give
     # what the GPU computes.

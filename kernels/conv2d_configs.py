@@ -198,11 +198,14 @@ SPLITS = (2, 3, 4, 6, 8, 12, 16)
 MIN_STEPS_PER_SPLIT = 4  # fewer and the partial sums' traffic outweighs the overlap
 
 
-def _as_problem(problem, k, c, groups) -> Conv2dProblem:
+def _as_problem(problem, k, c, groups, taps) -> Conv2dProblem:
     if isinstance(problem, Conv2dProblem):
         return problem
     if k is None or c is None:
         raise TypeError("candidate_configs/default_config take a Conv2dProblem, or m, k, c")
+    if taps > 1:  # a 1x1 conv after a window of `taps` taps: the window's shape is immaterial
+        return Conv2dProblem(1, c, problem, 1, k, window=Window("avg", (taps, 1)),
+                             out_size=(problem, 1))
     return Conv2dProblem.gemm(problem, k, c, groups)
 
 
@@ -226,13 +229,13 @@ def _split_for(p: Conv2dProblem, cfg: Conv2dConfig) -> int:
 
 
 def candidate_configs(problem, k: Optional[int] = None, c: Optional[int] = None,
-                      groups: int = 1, dtype: Optional[torch.dtype] = None
+                      groups: int = 1, dtype: Optional[torch.dtype] = None, taps: int = 1
                       ) -> list[Conv2dConfig]:
     """Configs worth timing for `problem` (a Conv2dProblem; or m, k, c[, groups] of a plain
-    GEMM, the older form): tiles that are not mostly padding, operand buffers that fit in
+    GEMM, the older form, after a load-stage window of `taps` taps if taps > 1): tiles that are not mostly padding, operand buffers that fit in
     shared memory at dtype's size (fp16 if None), and split-K versions of the dense tiles
     that fill fewer than two waves."""
-    p = _as_problem(problem, k, c, groups)
+    p = _as_problem(problem, k, c, groups, taps)
     size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
     if p.groups > 1:
         kg = p.k // p.groups
@@ -274,12 +277,13 @@ def _split_rank(p: Conv2dProblem, cfg: Conv2dConfig) -> tuple:
 
 
 def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
-                   groups: int = 1, dtype: Optional[torch.dtype] = None) -> Conv2dConfig:
+                   groups: int = 1, dtype: Optional[torch.dtype] = None, taps: int = 1
+                   ) -> Conv2dConfig:
     """The untimed pick (autotuning off, first call inside a CUDA graph), a per-shape rule:
     the largest tile that still gives two waves of tiles on SM_COUNT SMs with little of the
     last wave idle; if none does, the split-K config of best _split_rank; failing both, the
     largest four-warp tile that still fills the SMs."""
-    p = _as_problem(problem, k, c, groups)
+    p = _as_problem(problem, k, c, groups, taps)
     cands = candidate_configs(p, dtype=dtype)
     plain = [cfg for cfg in cands if cfg.split_k == 1]
 

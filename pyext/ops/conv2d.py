@@ -389,11 +389,12 @@ def _with_pool_result(fn, pool):
 
 
 def run_pair(tuner: autotune.Autotuner, args: tuple, out_hw: tuple, out_channels: int, key_of,
-             triton, two_ops, reference):
+             triton, two_ops, reference, taps: int = 1):
     """Dispatch of an op that feeds a 1x1 conv from a window of x (separable_conv2d,
     pool_conv2d): one Triton kernel per tile config, or `two_ops`, whichever the autotuner
     measures faster. args = (x, ..., dest) is what triton (after its config), two_ops and
-    reference take; key_of(args) names the shape for the autotuner, once x is channels_last."""
+    reference take; key_of(args) names the shape for the autotuner, once x is channels_last;
+    taps: the window's size (the Triton configs stage each tap's tile)."""
     op, backend, x = tuner.op, requested_backend(), args[0]
     if x.device.type == "cuda" and x.stride(1) != 1 and x.shape[1] > 1:
         warn_once(f"{op}: input is not channels_last; converting it costs a copy")
@@ -415,9 +416,9 @@ def run_pair(tuner: autotune.Autotuner, args: tuple, out_hw: tuple, out_channels
     if backend in ("auto", "triton"):
         from ..kernels import conv2d as kernel
         m, k, c = x.shape[0] * out_hw[0] * out_hw[1], out_channels, x.shape[1]
-        for cfg in kernel.candidate_configs(m, k, c):
+        for cfg in kernel.candidate_configs(m, k, c, dtype=x.dtype, taps=taps):
             candidates[cfg.name] = functools.partial(triton, cfg, *args)
-        default = kernel.default_config(m, k, c).name
+        default = kernel.default_config(m, k, c, dtype=x.dtype, taps=taps).name
     if backend in ("auto", "cuda"):
         candidates["two_ops"] = functools.partial(two_ops, *args)
         default = "two_ops" if backend == "cuda" else default

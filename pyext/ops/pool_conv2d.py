@@ -30,6 +30,18 @@ def pool_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     stride and padding as in F.max_pool2d (padding (h, w), at most half the window, floor
     mode). weight (K, C, 1, 1). With `out` (N, C_total, OH, OW) the result lands in channels
     [out_channel_offset, +K)."""
+    args, shape = check_args(x, weight, bias, mode, kernel_size, stride, padding, activation,
+                             residual)
+    if out is None:
+        return torch.ops.cnnfuse.pool_conv2d(*args)
+    _check.out_slice(out, x, shape, out_channel_offset)
+    torch.ops.cnnfuse.pool_conv2d_into(*args, out, out_channel_offset)
+    return out
+
+
+def check_args(x, weight, bias, mode, kernel_size, stride, padding, activation, residual):
+    """The checks of `pool_conv2d` (errors name the argument); returns the op's arguments
+    (padding as (left, right, top, bottom)) and the output shape."""
     _check.tensor("x", x, 4)
     _check.floating("x", x)
     if mode not in MODES:
@@ -54,12 +66,7 @@ def pool_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ref.activation_code(activation)
     shape = (n, weight.shape[0], oh, ow)
     _check.epilogue(x, bias, residual, shape)
-    args = (x, mode, kernel, stride, pads, weight, bias, activation, residual)
-    if out is None:
-        return torch.ops.cnnfuse.pool_conv2d(*args)
-    _check.out_slice(out, x, shape, out_channel_offset)
-    torch.ops.cnnfuse.pool_conv2d_into(*args, out, out_channel_offset)
-    return out
+    return (x, mode, kernel, stride, pads, weight, bias, activation, residual), shape
 
 
 @torch.library.custom_op("cnnfuse::pool_conv2d", mutates_args=())
@@ -140,4 +147,5 @@ def _run(x, mode, kernel_size, stride, padding, weight, bias, activation, residu
                 + f" | {mode} pool {list(kernel_size)}")
     args = (x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest)
     out_hw = output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, (1, 1))
-    return run_pair(_tuner, args, out_hw, weight.shape[0], key, _triton, _two_ops, _reference)
+    return run_pair(_tuner, args, out_hw, weight.shape[0], key, _triton, _two_ops, _reference,
+                    taps=kernel_size[0] * kernel_size[1])

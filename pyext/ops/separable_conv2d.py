@@ -28,6 +28,19 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor,
                      out_channel_offset: int = 0) -> torch.Tensor:
     """dw_weight (C, 1, KH, KW), weight (K, C, 1, 1); dw_padding as in `conv2d`. With `out`
     (N, C_total, OH, OW) the result lands in channels [out_channel_offset, +K)."""
+    args, shape = check_args(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding,
+                             dw_dilation, dw_activation, activation, residual)
+    if out is None:
+        return torch.ops.cnnfuse.separable_conv2d(*args)
+    _check.out_slice(out, x, shape, out_channel_offset)
+    torch.ops.cnnfuse.separable_conv2d_into(*args, out, out_channel_offset)
+    return out
+
+
+def check_args(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding, dw_dilation,
+               dw_activation, activation, residual):
+    """The checks of `separable_conv2d` (errors name the argument); returns the op's
+    arguments (dw_padding as (left, right, top, bottom)) and the output shape."""
     _check.tensor("x", x, 4)
     stride, pads, dilation, (n, c, oh, ow) = plan(x, dw_weight, dw_bias, dw_stride, dw_padding,
                                                   dw_dilation, x.shape[1], dw_activation, None)
@@ -42,13 +55,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor,
     ref.activation_code(activation)
     shape = (n, weight.shape[0], oh, ow)
     _check.epilogue(x, bias, residual, shape)
-    args = (x, dw_weight, dw_bias, stride, pads, dilation, dw_activation, weight, bias,
-            activation, residual)
-    if out is None:
-        return torch.ops.cnnfuse.separable_conv2d(*args)
-    _check.out_slice(out, x, shape, out_channel_offset)
-    torch.ops.cnnfuse.separable_conv2d_into(*args, out, out_channel_offset)
-    return out
+    return (x, dw_weight, dw_bias, stride, pads, dilation, dw_activation, weight, bias,
+            activation, residual), shape
 
 
 @torch.library.custom_op("cnnfuse::separable_conv2d", mutates_args=())
@@ -143,4 +151,5 @@ def _run(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activatio
             bias, activation, residual, dest)
     out_hw = output_hw(x.shape[2], x.shape[3], dw_weight.shape[2:], dw_stride, dw_padding,
                        dw_dilation)
-    return run_pair(_tuner, args, out_hw, weight.shape[0], key, _triton, _two_ops, _reference)
+    return run_pair(_tuner, args, out_hw, weight.shape[0], key, _triton, _two_ops, _reference,
+                    taps=dw_weight.shape[2] * dw_weight.shape[3])
