@@ -18,6 +18,11 @@ from .backend import log, warn_once
 
 _progress = None  # a tqdm bar while `progress()` is active
 
+# Picks from a file that travels with a model (cnnfuse.tune(save=), fuse(picks=),
+# CNNFUSE_PICKS), consulted before the cache; cnnfuse.tune reads and checks the file.
+preset: Optional[dict] = None      # op -> {key: candidate}; None until first needed
+recording: Optional[dict] = None   # op -> {key: candidate} while cnnfuse.tune runs a model
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("CNNFUSE_CACHE_DIR", Path.home() / ".cache" / "cnnfuse"))
@@ -97,6 +102,19 @@ class Autotuner:
         """Name of the candidate to run. candidates map names to zero-argument callables that
         return their output, a tensor or a tuple of them; reference() returns the expected
         output (any dtype), each tensor checked relative to its own largest value."""
+        global preset
+        if preset is None:
+            from .tune import picks_from_environment
+            preset = picks_from_environment()
+        chosen = preset.get(self.op, {}).get(key)
+        if chosen not in candidates:
+            chosen = self._pick(key, candidates, reference, tolerance, default)
+        if recording is not None:
+            recording.setdefault(self.op, {})[key] = chosen
+        return chosen
+
+    def _pick(self, key: str, candidates: dict, reference: Callable[[], torch.Tensor],
+              tolerance: float, default: str) -> str:
         table = self._load()
         chosen = table.get(key, {}).get("best")
         if chosen in candidates:
