@@ -51,7 +51,8 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 		$(PY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 \
 		| tee $(VENV)/build.log | $(PY) -u -c "$$BUILD_FILTER" \
 		|| { echo "build failed; the end of $(VENV)/build.log:"; tail -n 40 $(VENV)/build.log; exit 1; }; \
-	echo "built cnnfuse in $$(( $$(date +%s) - start )) s"
+	echo "built cnnfuse in $$(( $$(date +%s) - start )) s; cnnfuse-bench is $(VENV)/bin/cnnfuse-bench" \
+		"(on the PATH after: source $(VENV)/bin/activate)"
 	touch $@
 
 clean:

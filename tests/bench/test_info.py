@@ -62,7 +62,8 @@ def test_off_backends_say_why(monkeypatch):
 @pytest.mark.parametrize("archs, cap, covered", [
     ("9.0+PTX", (9, 0), True), ("9.0+PTX", (12, 0), True), ("9.0+PTX", (8, 9), False),
     ("9.0", (9, 0), True), ("9.0", (10, 0), False), ("8.0;8.6", (8, 9), True),
-    ("8.0 8.6", (8, 6), True), ("9.0a", (9, 0), True), ("9.0a", (9, 1), False),
+    ("8.0 8.6", (8, 6), True), ("8.6", (8, 0), False), ("9.0a", (9, 0), True),
+    ("9.0a", (9, 1), False),
     ("", (9, 0), False), ("garbage", (9, 0), False),
 ])
 def test_arch_covers(archs, cap, covered):
