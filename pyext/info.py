@@ -107,7 +107,8 @@ def report() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    gpus = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+    gpus = [f"{torch.cuda.get_device_name(i)} "
+            f"(sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     built = ("not built" if not info else
              f"CUDA {info.get('cuda_version', '')}, archs {info.get('cuda_archs', '')}"

@@ -88,8 +88,8 @@ def resolve(model: nn.Module, family: str, arch: str, *, size: Optional[int] = N
             continue
         value = tuple(float(v) for v in value)
         if len(value) != 3 or (option == "std" and min(value) <= 0):
-            raise ValueError(f"--{option} takes three numbers (R G B){', each > 0' if option == 'std' else ''}, "
-                             f"got {value}")
+            each = ", each > 0" if option == "std" else ""
+            raise ValueError(f"--{option} takes three numbers (R G B){each}, got {value}")
         pre = replace(pre, **{option: value})
         overridden.append(f"--{option}")
     if overridden:
