@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ref
+from ..backend import ran
 
 # The environment os.environ writes through (bytes keys on POSIX): read per call for a few
 # hundred ns where os.environ.get costs µs.
@@ -118,17 +119,25 @@ class CpuConv:
 
     def __call__(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
                  dest=None, pool=None):
+        ran("conv2d", "reference")
+        return self.compute(x, weight, bias, residual, input_scale, input_affine, dest, pool)
+
+    def compute(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
+                dest=None, pool=None):
+        """The plan's result, without saying which backend ran (the op's reference says it)."""
         if input_affine is not None or input_scale is not None:
             x = ref.prologue(x, input_scale, input_affine, self.input_activation)
+        return _finish(self.conv(x, weight, bias, residual), dest, pool)
+
+    def conv(self, x, weight, bias, residual=None):
+        """act(conv(x) + bias + residual), PyTorch's layout for x's."""
         if self.pads is not None:
             x = F.pad(x, self.pads)
         y = F.conv2d(x, weight, bias, self.stride, self.pad_hw, self.dilation, self.groups)
         if residual is not None:
             y.add_(residual)
         fn = _INPLACE[self.activation]
-        if fn is not None:
-            y = fn(y)
-        return _finish(y, dest, pool)
+        return y if fn is None else fn(y)
 
 
 class ReferenceConv:
@@ -142,6 +151,7 @@ class ReferenceConv:
     def __call__(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
                  dest=None, pool=None):
         stride, pads, dilation, groups, activation, input_activation = self.args
+        ran("conv2d", "reference")
         y = ref.conv2d(x, weight, bias, stride, pads, dilation, groups, activation, residual,
                        input_scale, input_affine, input_activation)
         return _finish(y, dest, pool)
@@ -233,7 +243,11 @@ class CpuSeparable:
         self.activation = activation
 
     def __call__(self, x, dw_weight, dw_bias, weight, bias, residual=None, dest=None):
-        mid = self.dw(x, dw_weight, dw_bias)
+        ran("separable_conv2d", "reference")
+        return self.compute(x, dw_weight, dw_bias, weight, bias, residual, dest)
+
+    def compute(self, x, dw_weight, dw_bias, weight, bias, residual=None, dest=None):
+        mid = self.dw.conv(x, dw_weight, dw_bias)
         y = F.conv2d(mid, weight, bias)
         if residual is not None:
             y.add_(residual)
@@ -295,6 +309,10 @@ class CpuPoolConv:
         self.pad_hw, self.activation = (pads[2], pads[0]), activation
 
     def __call__(self, x, weight, bias, residual=None, dest=None):
+        ran("pool_conv2d", "reference")
+        return self.compute(x, weight, bias, residual, dest)
+
+    def compute(self, x, weight, bias, residual=None, dest=None):
         if self.mode == "max":
             p = F.max_pool2d(x, self.kernel, self.stride, self.pad_hw)
         else:
@@ -333,6 +351,10 @@ class CpuSeGate:
         self.activation, self.gate_activation = activation, gate_activation
 
     def __call__(self, pooled, w1, b1, w2, b2):
+        ran("se_gate", "reference")
+        return self.compute(pooled, w1, b1, w2, b2)
+
+    def compute(self, pooled, w1, b1, w2, b2):
         h = activate_(F.linear(pooled, w1, b1), self.activation)
         return activate_(F.linear(h, w2, b2), self.gate_activation)
 

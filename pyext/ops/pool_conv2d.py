@@ -126,6 +126,10 @@ def _two_ops(x, mode, kernel_size, stride, padding, weight, bias, activation, re
 
 
 def _reference(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
+    if x.device.type == "cpu" and x.dtype == torch.float32:  # as the eager plan computes it
+        from ._eager import CpuPoolConv
+        return CpuPoolConv(mode, kernel_size, stride, padding, activation).compute(
+            x, weight, bias, residual, dest)
     y = ref.pool_conv2d(x, mode, kernel_size, stride, _hw(padding), weight, bias, activation,
                         residual)
     return y if dest is None else dest.copy_(y)

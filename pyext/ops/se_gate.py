@@ -20,6 +20,11 @@ from . import _check
 def _se_gate_op(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                 w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str,
                 gate_activation: str) -> torch.Tensor:
+    return _run(pooled, w1, b1, w2, b2, activation, gate_activation)
+
+
+def _run(pooled, w1, b1, w2, b2, activation: str, gate_activation: str) -> torch.Tensor:
+    """The op's implementation for checked arguments: the Triton kernel or the reference."""
     backend = requested_backend()
     use_triton = backend in ("auto", "triton") if pooled.device.type == "cuda" else (
         backend == "triton" and triton_interpreting())
@@ -28,6 +33,10 @@ def _se_gate_op(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
             warn_once("se_gate: the Triton kernel runs on CPU tensors only under "
                       "TRITON_INTERPRET=1; using the reference")
         ran("se_gate", "reference")
+        if pooled.device.type == "cpu" and all(
+                t is None or t.dtype == torch.float32 for t in (pooled, w1, b1, w2, b2)):
+            from ._eager import CpuSeGate  # as the eager plan computes it
+            return CpuSeGate(activation, gate_activation).compute(pooled, w1, b1, w2, b2)
         return ref.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)
     from ..kernels.se_gate import se_gate as kernel
     ran("se_gate", "Triton" if pooled.device.type == "cuda" else "Triton (interpreter)")
@@ -51,6 +60,12 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
             w2: torch.Tensor, b2: Optional[torch.Tensor], *, activation: str = "relu",
             gate_activation: str = "sigmoid") -> torch.Tensor:
     """pooled (N, C) (float32 or the weights' dtype), w1 (R, C), b1 (R,), w2 (C, R), b2 (C,)."""
+    check_args(pooled, w1, b1, w2, b2, activation, gate_activation)
+    return torch.ops.cnnfuse.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)
+
+
+def check_args(pooled, w1, b1, w2, b2, activation: str, gate_activation: str) -> None:
+    """The checks of `se_gate`; every error names the argument."""
     _check.tensor("pooled", pooled, 2)
     _check.tensor("w1", w1, 2)
     _check.tensor("w2", w2, 2)
@@ -75,4 +90,3 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
             _check.same_device(name, t, pooled, "pooled")
     ref.activation_code(activation)
     ref.activation_code(gate_activation)
-    return torch.ops.cnnfuse.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)

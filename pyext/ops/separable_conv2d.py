@@ -122,6 +122,11 @@ def _two_ops(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activ
 
 def _reference(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight,
                bias, activation, residual, dest):
+    if x.device.type == "cpu" and x.dtype == torch.float32:  # as the eager plan computes it
+        from ._eager import CpuSeparable
+        return CpuSeparable(dw_stride, dw_padding, dw_dilation, x.shape[1], dw_activation,
+                            activation).compute(x, dw_weight, dw_bias, weight, bias,
+                                                residual, dest)
     mid = ref.conv2d(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, x.shape[1],
                      dw_activation, None)
     y = ref.conv2d(mid, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, activation, residual)
