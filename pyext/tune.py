@@ -141,6 +141,7 @@ def tune(fused: nn.Module, example_inputs, *, batch_sizes: Optional[Iterable[int
     for op, table in report.picks.items():
         ran[op].update(backend_label(name) for name in table.values())
     report.ran = dict(ran)
+    fused.__dict__["_cnnfuse_picks"] = report.picks  # cnnfuse.save writes them with the model
     log.info("%s", report)
     if save is not None:
         save_picks(report.picks, save, env)
