@@ -15,7 +15,7 @@ from torch import fx, nn
 from . import passes
 from .graph import FusionGraph
 from .modules import FusedConv2d
-from .passes import conv_bn_act
+from .passes import conv_bn_act, conv_subclasses
 from .report import FusionReport
 
 
@@ -66,6 +66,7 @@ def _fuse(model: nn.Module, inplace: bool):
     report = FusionReport(conv_sites=sum(isinstance(m, nn.Conv2d) for m in model.modules()))
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
+        target = conv_subclasses.run_tree(target, report)
         fused = _fuse_module(target, report, "")
     return fused, report
 

@@ -7,10 +7,16 @@ fused pairs (depthwise + 1x1, pool + 1x1) before the concatenations, so they wri
 slices; sibling merges last, so concat writers keep writing directly."""
 from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthrough,
                pool_conv2d, residual, separable, siblings, squeeze_excite)
+from . import (bn_act, branch_sum, cat_bn, functional_conv, leftover_act, same_padding,
+               unreached)
 
 PIPELINE = (
+    unreached,
     passthrough,
+    functional_conv,
     conv_bn_act,
+    cat_bn,
+    branch_sum,
     residual,
     squeeze_excite,
     input_bn,
@@ -19,7 +25,10 @@ PIPELINE = (
     dense_block,
     concat,
     siblings,
+    bn_act,
+    same_padding,
     leftover_bn,
+    leftover_act,
 )
 
 

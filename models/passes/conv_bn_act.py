@@ -29,6 +29,22 @@ def unsupported(conv: nn.Conv2d) -> Optional[str]:
     return None
 
 
+def kept_activation(bn: nn.Module) -> Optional[nn.Module]:
+    """For a BatchNorm + activation module (timm's BatchNormAct2d) whose activation no
+    epilogue computes yet (LeakyReLU, ...): that activation module, which may stay after the
+    conv the BatchNorm folds into. None otherwise."""
+    if type(bn) is nn.BatchNorm2d or not bn.track_running_stats or bn.running_mean is None:
+        return None
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    extras = {name for name, _ in bn.named_children()} - {"act", "drop"}
+    if (not isinstance(act, nn.Module) or extras or isinstance(act, nn.Identity)
+            or activation_of_module(act) is not None
+            or not (drop is None or identity_at_inference(drop))):
+        return None
+    # The subclass's forward must be BatchNorm, then drop, then act (timm's order).
+    return act if type(bn).__name__ in ("BatchNormAct2d", "FrozenBatchNormAct2d") else None
+
+
 def bn_epilogue(bn: nn.Module) -> tuple[Optional[str], Optional[str]]:
     """(activation folded along with `bn`, reason it cannot fold); activation 'none' if plain."""
     if not bn.track_running_stats or bn.running_mean is None:
@@ -60,6 +76,10 @@ class _Chain:
     def take(self) -> None:
         raise NotImplementedError
 
+    def replace(self, module: nn.Module) -> None:
+        """The step last looked at now computes `module` (on the conv's output)."""
+        raise NotImplementedError
+
 
 class GraphChain(_Chain):
     """The sole readers of a conv node, in an FX graph."""
@@ -86,6 +106,9 @@ class GraphChain(_Chain):
     def take(self):
         self.g.absorb(self._next, self.node)
 
+    def replace(self, module):
+        self.g.replace_module(self._next.target, module)
+
 
 class SequentialChain(_Chain):
     """The modules after a conv in a plain Sequential (the tree path)."""
@@ -109,6 +132,10 @@ class SequentialChain(_Chain):
         self.seq._modules[self.names[self.i]] = nn.Identity()
         self.i += 1
 
+    def replace(self, module):
+        self.seq._modules[self.names[self.i]] = module
+        self.i += 1
+
 
 def absorb_activation(fused: FusedConv2d, chain: _Chain, report: FusionReport) -> bool:
     """The activation that next reads the conv moves into its epilogue."""
@@ -127,16 +154,20 @@ def absorb_followers(fused: FusedConv2d, chain: _Chain, report: FusionReport) ->
     if found is not None:
         bn, site, reason = found
         act, why = bn_epilogue(bn)
-        reason = reason or why
+        kept = kept_activation(bn) if why else None
+        reason = reason or (None if kept is not None else why)
         if reason is None and bn.num_features != fused.out_channels:
             reason = f"BatchNorm has {bn.num_features} features, conv {fused.out_channels}"
         if reason:
             report.skip(site, reason)
             return
         fused.fold_bn(bn)
+        report.add("batchnorm folded")
+        if kept is not None:  # the activation stays, as a module in the BatchNorm's place
+            chain.replace(kept)
+            return
         fused.activation = act
         chain.take()
-        report.add("batchnorm folded")
         if act != "none":
             report.add(f"activation {act}")
     if fused.activation == "none":
