@@ -1,0 +1,71 @@
+"""Residual Attention Network (Attention-56, -92): pre-activation bottleneck units, attention
+modules whose soft mask (max-pool down, bilinear up, skip connections, sigmoid) scales the
+trunk as (1 + M) * T."""
+import pytest
+import torch
+
+from cnnfuse.models.architectures import attention56, attention92
+from cnnfuse.models.architectures.residual_attention import (AttentionModule,
+                                                              PreActBottleneck,
+                                                              ResidualAttentionNet)
+
+from ..util import randomize_batchnorm
+from .seed_harness import check_seed, count_params
+
+# Table 4 of Wang et al. 2017: parameters (millions). Attention-56 agrees to 0.3%; Table 2's
+# layout (p=1, t=2, r=1) gives Attention-92 2.3% more than the table states.
+_PARAMS = {"56": (attention56, 31.9e6, 0.01), "92": (attention92, 51.3e6, 0.03)}
+
+
+@pytest.mark.parametrize("name", list(_PARAMS))
+def test_layout(name):
+    make, params, tolerance = _PARAMS[name]
+    model = make()
+    assert abs(count_params(model) - params) <= tolerance * params, count_params(model)
+    modules = [m for m in model.features if isinstance(m, AttentionModule)]
+    assert [len(m.down) for m in modules] == ([3, 2, 1] if name == "56" else [3, 2, 2, 1, 1, 1])
+    with pytest.raises(ValueError, match="num_classes"):
+        make(num_classes=0)
+
+
+def test_attention_module():
+    """(1 + M) * T with M in (0, 1): the module's output before its last unit lies between T
+    and 2T; shape kept at odd sizes, whatever the depth."""
+    torch.manual_seed(0)
+    for depth, size in ((1, 5), (2, 9), (3, 11)):
+        module = randomize_batchnorm(AttentionModule(8, depth)).eval()
+        seen = {}
+        module.post.register_forward_pre_hook(lambda m, args: seen.update(gated=args[0]))
+        module.trunk.register_forward_hook(lambda m, args, out: seen.update(trunk=out))
+        x = torch.randn(2, 8, size, size + 2)
+        with torch.no_grad():
+            assert module(x).shape == x.shape
+        ratio = seen["gated"] / seen["trunk"]
+        assert (ratio > 1).all() and (ratio < 2).all()
+    with pytest.raises(ValueError, match="modules"):
+        ResidualAttentionNet((1, 2), num_classes=10)
+
+
+@pytest.mark.parametrize("make, batchnorms", [(attention56, 107), (attention92, 176)],
+                         ids=["attention56", "attention92"])
+def test_fuse(make, batchnorms):
+    """What fuse does today: every conv fused, each sigmoid in its conv's epilogue, each
+    unit's residual add in its last conv; BatchNorms folded or moved into the next conv's
+    load, except the pre-activation of the four projecting units (read by both conv1 and the
+    shortcut conv) and the head's, which stay passes of their own; the (1 + M) * T product,
+    the six interpolations and their skip adds run as eager ops."""
+    result = check_seed(make(num_classes=100), sizes=(40, 45))
+    report = result.report
+    assert result.batchnorms == batchnorms
+    assert result.folded >= batchnorms - 5, str(report)
+    assert report.fused["activation sigmoid"] == sum(
+        isinstance(m, AttentionModule) for m in make().modules())
+
+
+def test_preactivation_read_by_two_convs():
+    """A projecting unit: BN-ReLU of the input read by both conv1 and the shortcut conv, which
+    becomes the load stage of both (the stem conv folds its own BatchNorm: none is left)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                PreActBottleneck(8, 16))
+    result = check_seed(model, sizes=(9, 12))
+    assert result.folded == result.batchnorms == 4, str(result.report)
