@@ -37,7 +37,7 @@ class MLPConv(nn.Sequential):
 class NIN(nn.Module):
     """ImageNet NIN (Lin, Chen & Yan 2014, with the Caffe model-zoo ImageNet layout).
 
-    Input (N, 3, H, W) float, H and W >= 43 (224 in the paper); output (N, num_classes):
+    Input (N, 3, H, W) float, H and W >= 39 (224 in the paper); output (N, num_classes):
     the global average of the last block's ReLU'd per-class maps (6x6 at 224). Max pools are
     3x3/2 in ceil mode as Caffe's (224 -> 54 -> 27 -> 13 -> 6). Dropout (p=0.5) before the last
     mlpconv; 7.60M parameters at 1000 classes (batch_norm=False). `batch_norm=True` adds a

@@ -99,8 +99,9 @@ class ResidualAttentionNet(nn.Module):
     56x56 (3 down-samplings in their masks); a stride-2 unit to 512 and `modules[1]` modules
     at 28x28 (2); a stride-2 unit to 1024 and `modules[2]` modules at 14x14 (1); three units
     to 2048 (the first at stride 2); BN-ReLU, global average pooling, one fully connected
-    layer. Parameters at 1000 classes: Attention-56 31.8M, Attention-92 51.2M (Table 4 of the
-    paper: 31.9M and 51.3M). Raises ValueError for a bad num_classes or modules.
+    layer. Parameters at 1000 classes: Attention-56 31.8M, Attention-92 52.5M (Table 4 of the
+    paper: 31.9M and 51.3M; 6.3G and 10.5G multiply-adds at 224, Table 4: 6.2G and 10.4G).
+    Raises ValueError for a bad num_classes or modules.
     """
 
     def __init__(self, modules: tuple, num_classes: int = 1000):
