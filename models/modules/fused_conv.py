@@ -6,6 +6,8 @@ from torch import nn
 
 from ... import ops
 from ...backend import warn_once
+from ...ops import _eager
+from ...ops._eager import signature
 from ...ops.conv2d import output_hw
 from ...ops.depthwise_conv2d import pack_weight as pack_depthwise
 from ...ref import activation_code, apply_activation
@@ -149,22 +151,66 @@ class FusedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 input_scale: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None):
-        """out: a view of the result's shape to write into (a slice of a concatenation)."""
+        """out: a view of the result's shape to write into (a slice of a concatenation).
+
+        A weight in another dtype than x (kept wider so it does not overflow) computes in the
+        weight's dtype; the result comes back in x's. Eager calls run a plan cached per call
+        signature (`cnnfuse.ops._eager`); tracing, compiling and capturing take the op."""
+        if _eager.active(x):
+            weight, bias = self._parameters["weight"], self._parameters.get("bias")
+            affine = self._buffers.get("input_affine")
+            key = (signature(x), signature(residual), signature(input_scale), signature(out),
+                   weight.dtype, weight.device, None if bias is None else bias.dtype,
+                   None if affine is None else affine.device, _eager.environment(),
+                   self.activation, self.has_residual, self.has_input_scale,
+                   self.returns_pooled, self.input_activation, self.stride, self.padding,
+                   self.dilation, self.groups)
+            plan = _eager.cached(self, key,
+                                 lambda: self._eager_plan(x, residual, input_scale, out))
+            if plan is not None:
+                if self.returns_pooled:
+                    pool = torch.empty((x.shape[0], self.out_channels), dtype=torch.float32,
+                                       device=x.device)
+                    return plan(x, weight, bias, residual, input_scale, affine, None, pool), pool
+                return plan(x, weight, bias, residual, input_scale, affine, out)
+        return self._forward_op(x, residual, input_scale, out)
+
+    def _eager_plan(self, x, residual, input_scale, out):
+        """The cached plan for calls like this one, or None where the op path handles it (a
+        missing or unexpected argument, which it reports; a broadcast or mixed-dtype
+        residual)."""
+        if (self.has_residual != (residual is not None)
+                or self.has_input_scale != (input_scale is not None)
+                or (residual is not None and not _fits(residual, x, self))):
+            return None
+        return _eager.plan_conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
+                                  self.dilation, self.groups, self.activation, residual,
+                                  input_scale, self.input_affine, self.input_activation, out,
+                                  self.returns_pooled)
+
+    def _forward_op(self, x, residual, input_scale, out):
+        """forward through `cnnfuse.ops.conv2d` (the torch.library op)."""
         for flag, name, value in ((self.has_residual, "residual", residual),
                                   (self.has_input_scale, "input_scale", input_scale)):
             if flag != (value is not None):
                 raise ValueError(f"{self.__class__.__name__} was built with has_{name}={flag} "
                                  f"but forward got {name}="
                                  f"{'a tensor' if value is not None else 'None'}")
+        if _eager.wider_weight(self.weight, x):
+            # computed in the weight's dtype, returned in x's
+            dtype = self.weight.dtype
+
+            def wide(t):
+                return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == x.dtype else t
+            y = self._forward_op(x.to(dtype), wide(residual), wide(input_scale), None)
+            y = (y[0] if self.returns_pooled else y).to(x.dtype)
+            y = y if out is None else out.copy_(y)
+            return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
         if residual is not None and not _fits(residual, x, self):
             # A broadcast or mixed-dtype add: exact, just not fused.
             warn_once(f"FusedConv2d: residual {_describe(residual)} does not match the conv "
                       "output; adding it outside the kernel")
-            y = ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
-                           self.dilation, self.groups, input_scale=input_scale,
-                           input_affine=self.input_affine,
-                           input_activation=self.input_activation)
-            y = apply_activation(y + residual, self.activation)
+            y = apply_activation(self._conv_only(x, input_scale) + residual, self.activation)
             y = y if out is None else out.copy_(y)
             return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
         return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
@@ -173,6 +219,13 @@ class FusedConv2d(nn.Module):
                           input_affine=self.input_affine,
                           input_activation=self.input_activation, out=out,
                           return_pooled=self.returns_pooled)
+
+    def _conv_only(self, x, input_scale):
+        """The conv and its prologue without activation or residual (through the op)."""
+        return ops.conv2d(x, self.weight, self.bias, self.stride, list(self.padding),
+                          self.dilation, self.groups, input_scale=input_scale,
+                          input_affine=self.input_affine,
+                          input_activation=self.input_activation)
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}",

@@ -6,8 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ... import ops
-from .fused_conv import FusedConv2d, with_epilogue
+from ... import ops, ref
+from ...ops import _eager
+from ...ops._eager import signature
+from .fused_conv import FusedConv2d, _fits, with_epilogue
 
 
 def can_take(conv: FusedConv2d) -> bool:
@@ -40,10 +42,34 @@ class FusedPoolConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         conv = self.conv
+        if _eager.active(x):
+            key = (signature(x), signature(residual), signature(out), conv.weight.dtype,
+                   conv.weight.device, _eager.environment(), conv.activation,
+                   conv.has_residual, self.mode, self.pool_kernel, self.pool_stride,
+                   self.pool_padding)
+            plan = _eager.cached(self, key, lambda: self._eager_plan(x, residual, out))
+            if plan is not None:
+                return plan(x, conv.weight, conv.bias, residual=residual, dest=out)
+        if conv.weight.dtype != x.dtype:
+            # a weight kept wider than x (so it does not overflow): the pool, then the conv in
+            # its weight's dtype
+            return conv(ref.pool2d(x, self.mode, self.pool_kernel, self.pool_stride,
+                                   self.pool_padding), residual, out=out)
         op = functools.partial(ops.pool_conv2d, x, conv.weight, conv.bias, mode=self.mode,
                                kernel_size=self.pool_kernel, stride=self.pool_stride,
                                padding=self.pool_padding)
         return with_epilogue(self, op, x, residual, out, conv.activation)
+
+    def _eager_plan(self, x, residual, out):
+        """The cached plan for calls like this, or None for the op path (a residual it adds
+        outside the kernel, a weight in another dtype than x, an argument it reports)."""
+        conv = self.conv
+        if (self.has_residual != (residual is not None) or conv.weight.dtype != x.dtype
+                or (residual is not None and not _fits(residual, x, self))):
+            return None
+        return _eager.plan_pool_conv2d(x, conv.weight, conv.bias, self.mode, self.pool_kernel,
+                                       self.pool_stride, self.pool_padding, conv.activation,
+                                       residual, out)
 
     def extra_repr(self) -> str:
         return (f"{self.mode} pool {self.pool_kernel}, stride={self.pool_stride}, "

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from ... import ops
-from .fused_conv import FusedConv2d, with_epilogue
+from ...ops import _eager
+from ...ops._eager import signature
+from .fused_conv import FusedConv2d, _fits, with_epilogue
 
 
 def can_pair(dw: FusedConv2d, pw: FusedConv2d) -> bool:
@@ -45,7 +47,31 @@ class FusedSeparableConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         dw, pw = self.depthwise, self.pointwise
+        if _eager.active(x):
+            key = (signature(x), signature(residual), signature(out), dw.weight.dtype,
+                   dw.weight.device, pw.weight.dtype, _eager.environment(), dw.activation,
+                   pw.activation, dw.stride, dw.padding, dw.dilation, pw.has_residual)
+            plan = _eager.cached(self, key, lambda: self._eager_plan(x, residual, out))
+            if plan is not None:
+                return plan(x, dw.weight, dw.bias, pw.weight, pw.bias, residual=residual,
+                            dest=out)
+        if dw.weight.dtype != x.dtype or pw.weight.dtype != x.dtype:
+            # a weight kept wider than x (so it does not overflow): each conv on its own,
+            # in its weight's dtype
+            return pw(dw(x), residual, out=out)
         op = functools.partial(ops.separable_conv2d, x, dw.weight, dw.bias, pw.weight, pw.bias,
                                dw.stride, list(dw.padding), dw.dilation,
                                dw_activation=dw.activation)
         return with_epilogue(self, op, x, residual, out, pw.activation)
+
+    def _eager_plan(self, x, residual, out):
+        """The cached plan for calls like this, or None for the op path (a residual it adds
+        outside the kernel, weights in another dtype than x, an argument it reports)."""
+        dw, pw = self.depthwise, self.pointwise
+        if (self.has_residual != (residual is not None) or dw.weight.dtype != x.dtype
+                or pw.weight.dtype != x.dtype
+                or (residual is not None and not _fits(residual, x, self))):
+            return None
+        return _eager.plan_separable(x, dw.weight, dw.bias, pw.weight, pw.bias, dw.stride,
+                                     list(dw.padding), dw.dilation, dw.activation,
+                                     pw.activation, residual, out)

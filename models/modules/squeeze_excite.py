@@ -8,6 +8,8 @@ import torch
 from torch import fx, nn
 
 from ... import ops
+from ...ops import _eager
+from ...ops._eager import signature
 from ...backend import warn_once
 from ...ref import apply_activation
 from .fused_conv import FusedConv2d
@@ -45,8 +47,16 @@ class FusedSqueezeExcite(nn.Module):
                              f"{x.dim()}-d input; expected "
                              f"{'(N, C) means' if self.takes_pooled else '(N, C, H, W)'}")
         pooled = x if self.takes_pooled else x.mean((2, 3), dtype=torch.float32)
-        return ops.se_gate(pooled, self.w1, self.b1, self.w2, self.b2,
-                           activation=self.activation, gate_activation=self.gate_activation)
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if _eager.active(pooled):
+            key = (signature(pooled), w1.dtype, w1.device, None if b1 is None else b1.dtype,
+                   None if b2 is None else b2.dtype, _eager.environment(), self.activation,
+                   self.gate_activation)
+            plan = _eager.cached(self, key, lambda: _eager.plan_se_gate(
+                pooled, w1, b1, w2, b2, self.activation, self.gate_activation))
+            return plan(pooled, w1, b1, w2, b2)
+        return ops.se_gate(pooled, w1, b1, w2, b2, activation=self.activation,
+                           gate_activation=self.gate_activation)
 
     def extra_repr(self) -> str:
         return (f"{self.w2.shape[0]} -> {self.w1.shape[0]} -> {self.w2.shape[0]}, "
