@@ -50,14 +50,14 @@ def test_attention_module():
                          ids=["attention56", "attention92"])
 def test_fuse(make, batchnorms):
     """What fuse does today: every conv fused, each sigmoid in its conv's epilogue, each
-    unit's residual add in its last conv; BatchNorms folded or moved into the next conv's
-    load, except the pre-activation of the four projecting units (read by both conv1 and the
-    shortcut conv) and the head's, which stay passes of their own; the (1 + M) * T product,
-    the six interpolations and their skip adds run as eager ops."""
+    unit's residual add in its last conv; every BatchNorm folded or in a conv's load (the four
+    projecting units' pre-activation in the load of both conv1 and the shortcut) but the
+    head's, after the last residual add, which runs as one affine + ReLU pass. Still eager:
+    the (1 + M) * T product, the six interpolations and their skip adds."""
     result = check_seed(make(num_classes=100), sizes=(40, 45))
     report = result.report
     assert result.batchnorms == batchnorms
-    assert result.folded >= batchnorms - 5, str(report)
+    assert result.folded >= batchnorms - 1, str(report)
     assert report.fused["activation sigmoid"] == sum(
         isinstance(m, AttentionModule) for m in make().modules())
 
