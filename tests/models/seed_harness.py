@@ -27,21 +27,24 @@ class SeedResult:
     kept: list             # names of the BatchNorm2d layers still in the fused model
 
 
-def check_seed(model: nn.Module, sizes, batch: int = 1) -> SeedResult:
+def check_seed(model: nn.Module, sizes, batch: int = 1,
+               memory_format=torch.channels_last) -> SeedResult:
     """Fuse `model` (BatchNorm statistics randomised, eval mode) once and check, at each
     input size, its fp32 logits against the unfused model's in float64: within 2x the unfused
     fp32 model's own error (+ a 1e-5 relative atol) and within the project's fp32 tolerance.
     Also: every Conv2d replaced by a fused module, and every BatchNorm accounted for: folded
     (into weights, a load stage or concat slices), one pass of its own, or left in the fused
-    model and listed by explain. `model` ends
-    in float64 (converted in place rather than copied: these models are large)."""
+    model and listed by explain. The fused model is made with `memory_format` and fed inputs
+    in it (NCHW for None). `model` ends in float64 (converted in place rather than copied:
+    these models are large)."""
     model = randomize_batchnorm(model).eval()
-    fused = cnnfuse.fuse(model)
+    fused = cnnfuse.fuse(model, memory_format=memory_format)
     report = cnnfuse.explain(model)
     xs = [torch.randn(batch, 3, size, size) for size in sizes]
     with torch.no_grad():
         same = [model(x) for x in xs]
-        got = [fused(x.contiguous(memory_format=torch.channels_last)) for x in xs]
+        layout = memory_format or torch.contiguous_format
+        got = [fused(x.contiguous(memory_format=layout)) for x in xs]
         model.double()
         want = [model(x.double()) for x in xs]
     for size, ours, theirs, ref in zip(sizes, got, same, want):

@@ -39,6 +39,9 @@ def test_fuse():
 
 
 def test_fuse_batch_norm():
-    result = check_seed(nin(num_classes=100, batch_norm=True), sizes=(64, 67))
+    """BatchNorm after every conv, all folded; the model fused without a layout change
+    (memory_format=None) and fed NCHW."""
+    result = check_seed(nin(num_classes=100, batch_norm=True), sizes=(64, 67),
+                        memory_format=None)
     assert result.folded == result.batchnorms == 12
     assert result.report.fused["activation relu"] == 12

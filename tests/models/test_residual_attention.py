@@ -1,6 +1,8 @@
 """Residual Attention Network (Attention-56, -92): pre-activation bottleneck units, attention
 modules whose soft mask (max-pool down, bilinear up, skip connections, sigmoid) scales the
 trunk as (1 + M) * T."""
+import operator
+
 import pytest
 import torch
 
@@ -44,6 +46,26 @@ def test_attention_module():
         assert (ratio > 1).all() and (ratio < 2).all()
     with pytest.raises(ValueError, match="modules"):
         ResidualAttentionNet((1, 2), num_classes=10)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_mask_branch_graph(depth):
+    """The soft-mask branch as section 3.3 draws it: `depth` max-pool down-samplings, as many
+    bilinear up-samplings, each but the last (back to the trunk's size) summed with the skip
+    unit of its level, and one sigmoid."""
+    graph = torch.fx.symbolic_trace(AttentionModule(8, depth)).graph
+    ups = [n for n in graph.nodes if n.target is torch.nn.functional.interpolate]
+    assert len(ups) == depth and all(n.kwargs["mode"] == "bilinear" for n in ups)
+    summed = [n for n in graph.nodes if n.op == "call_function" and n.target is operator.add
+              and any(a in ups for a in n.args)]
+    assert len(summed) == depth - 1
+
+    def from_skip_unit(node):  # the unit's residual add: skips.<i>.0.conv3 + its input
+        return any(a.op == "call_module" and a.target.startswith("skips.") for a in node.args)
+    assert all(any(from_skip_unit(a) for a in n.args if a not in ups) for n in summed)
+    pools = [n for n in graph.nodes if n.op == "call_module" and n.target == "pool"]
+    assert len(pools) == depth
+    assert sum(n.op == "call_module" and n.target == "mask_out.6" for n in graph.nodes) == 1
 
 
 @pytest.mark.parametrize("make, batchnorms", [(attention56, 107), (attention92, 176)],
