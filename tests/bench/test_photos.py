@@ -77,7 +77,7 @@ def test_labels_file_names_the_predictions(photos_and_checkpoint, tmp_path, caps
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"thing-{i}" for i in range(1000)) + "\n")
     assert main(["--model", "timm/resnet26d", "--checkpoint", str(checkpoint), "--images",
-                 str(folder), "--size", "64", "--labels", str(labels), "--cpu-batch", "6",
+                 str(folder), "--size", "32", "--labels", str(labels), "--cpu-batch", "6",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "class names: from labels.txt" in out and "batch 6, not the 64 asked" in out
