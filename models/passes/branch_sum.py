@@ -19,7 +19,8 @@ from .conv_bn_act import GraphChain, absorb_activation, bn_epilogue
 
 
 def run(g: FusionGraph) -> None:
-    for node in list(g.graph.nodes):
+    # The last add first: it is the root of a sum whose inner adds it expands.
+    for node in reversed(list(g.graph.nodes)):
         if not getattr(node, "_erased", False) and residual_operands(node):
             _fuse(g, node)
 

@@ -13,6 +13,7 @@ from ..graph import FusionGraph
 from ..modules import FusedConv2d
 from ..patterns import activation_of_module, activation_of_node, identity_at_inference
 from ..report import FusionReport
+from .leftover_act import activation_module_name
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -192,8 +193,20 @@ def run(g: FusionGraph) -> None:
 
 
 def run_sequential(seq: nn.Sequential, report: FusionReport, prefix: str) -> None:
-    """The same rule over neighbours in a Sequential whose children are already fused."""
+    """The same rule over neighbours in a Sequential whose children are already fused; the
+    BatchNorms and activations left among them are listed."""
     for i, name in enumerate(list(seq._modules)):
         conv = seq._modules[name]
         if isinstance(conv, FusedConv2d) and not conv.folded_bn and conv.activation == "none":
             absorb_followers(conv, SequentialChain(seq, prefix, i), report)
+    for name, m in seq._modules.items():
+        act = activation_module_name(m)
+        if act:
+            supported = activation_of_module(m) is not None
+            report.skip(prefix + name, f"{act}: " + (
+                "after something no pass fuses it into; kept" if supported
+                else "no fused kernel computes this activation yet; kept"), kind="activation")
+        elif isinstance(m, nn.BatchNorm2d):
+            why = bn_epilogue(m)[1]
+            report.skip(prefix + name, f"{why}; kept" if why else
+                        "BatchNorm not directly after a conv; kept")

@@ -71,7 +71,15 @@ def _pair(v) -> Optional[tuple]:
 
 
 def _from_weight_of_conv(g: FusionGraph, site: Optional[str]) -> bool:
-    return site is not None and isinstance(g.modules.get(site), nn.Conv2d)
+    """Whether `site` is a Conv2d of the model (the GraphModule keeps only the attributes the
+    graph reads, in plain containers, so the model itself is asked)."""
+    root = g.report.root() if g.report.root is not None else None
+    if site is None or root is None:
+        return isinstance(g.modules.get(site), nn.Conv2d)
+    try:
+        return isinstance(root.get_submodule(g.prefix + site), nn.Conv2d)
+    except AttributeError:
+        return False
 
 
 def run(g: FusionGraph) -> None:
@@ -80,7 +88,7 @@ def run(g: FusionGraph) -> None:
         args = conv_args(node)
         if args is None:
             continue
-        site = _owner(g, args["weight"])
+        site = _owner(g, args["weight"]) or None  # (a parameter of the traced root: no site)
         if not _from_weight_of_conv(g, site):
             g.report.conv_sites += 1  # a conv that no Conv2d module counted
         where = g.prefix + site if site is not None else f"{g.prefix}{node.name}"

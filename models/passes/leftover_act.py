@@ -18,16 +18,18 @@ _FUNCTIONS = {F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.elu, F.elu_, F.ce
 _METHODS = {"tanh", "tanh_"}
 
 
+def activation_module_name(m: nn.Module) -> str:
+    """The class name of an activation module (torch's, timm's, NFNets' GammaAct), else ''."""
+    if isinstance(m, _TORCH_ACTIVATIONS) or type(m).__module__.startswith(
+            "timm.layers.activations") or type(m).__name__ == "GammaAct":
+        return type(m).__name__
+    return ""
+
+
 def activation_name(node, modules) -> str:
-    """A name for the activation a node applies, or '' if it is none (timm's activation
-    modules and NFNets' GammaAct included)."""
+    """A name for the activation a graph node applies, or '' if it is none."""
     if node.op == "call_module":
-        m = modules.get(node.target)
-        mod = type(m).__module__
-        if isinstance(m, _TORCH_ACTIVATIONS) or mod.startswith("timm.layers.activations") or (
-                type(m).__name__ == "GammaAct"):
-            return type(m).__name__
-        return ""
+        return activation_module_name(modules.get(node.target))
     if node.op == "call_function" and (node.target in _FUNCTIONS or activation_of_node(
             node, modules)):
         return getattr(node.target, "__name__", str(node.target))

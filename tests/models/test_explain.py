@@ -1,0 +1,101 @@
+"""explain tells the truth: its headline counts what was fused against what the model has
+(conv sites with the functional convs the trace saw, BatchNorms, activations), and every site
+left alone is listed with its reason, the modules the traced forward never runs included."""
+import pytest
+import torch.nn.functional as F
+from torch import nn
+
+import cnnfuse
+
+from ..util import randomize_batchnorm
+
+
+def explain(model):
+    return cnnfuse.explain(randomize_batchnorm(model).eval())
+
+
+class Mixed(nn.Module):
+    """What is fused and what is not, one of each: conv + BN + ReLU (fused), conv + BN +
+    LeakyReLU (BN folds, the activation stays), a BatchNorm called twice (stays), a
+    functional conv on the input's data (stays), and a head that runs only in training."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.shared = nn.BatchNorm2d(8)
+        self.aux = nn.Sequential(nn.Conv2d(8, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        y = F.relu(self.bn_a(self.a(x)))
+        y = F.leaky_relu(self.bn_b(self.b(y)), 0.1)
+        y = self.shared(self.shared(y))
+        z = F.conv2d(y, y[:2, :, :1, :1])
+        if self.training:
+            return z, self.aux(y)
+        return z
+
+
+def test_headline_counts_against_what_the_model_has():
+    report = explain(Mixed())
+    lines = str(report).splitlines()
+    # conv sites: a, b, aux's conv and the functional conv; fused: a and b
+    assert lines[0] == "cnnfuse: 2/4 conv sites fused (50.0%)", str(report)
+    # BatchNorms: bn_a and bn_b folded, of 4 (shared, aux's)
+    assert lines[1].strip() == "BatchNorms folded: 2/4 (50.0%)", str(report)
+    # activations: the ReLU absorbed, the LeakyReLU kept
+    assert lines[2].strip() == "activations absorbed: 1/2 (50.0%)", str(report)
+
+
+def test_every_site_left_alone_is_listed_with_its_reason():
+    reasons = {}
+    for site, reason in explain(Mixed()).unfused:
+        reasons.setdefault(site, []).append(reason)
+    assert any("never runs in the traced forward" in r and "(1 convs, 1 BatchNorms)" in r
+               for r in reasons["aux"]), reasons
+    assert any("called at 2 places" in r for r in reasons["shared"]), reasons
+    assert any("leaky_relu: no fused kernel" in r for rs in reasons.values() for r in rs)
+    assert any("computed from the input" in r for rs in reasons.values() for r in rs)
+
+
+def test_fully_fused_model_says_so():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Hardswish())
+    report = explain(model)
+    assert str(report).splitlines()[:3] == [
+        "cnnfuse: 2/2 conv sites fused (100.0%)", "  BatchNorms folded: 2/2 (100.0%)",
+        "  activations absorbed: 2/2 (100.0%)"], str(report)
+    assert not report.unfused
+
+
+def test_no_batchnorm_no_batchnorm_line():
+    report = explain(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()))
+    text = str(report)
+    assert "BatchNorms" not in text and "activations absorbed: 0/1 (0.0%)" in text, text
+    assert any("Tanh" in r for _, r in report.unfused)
+
+
+def test_an_activation_no_kernel_computes_is_not_counted_as_absorbed():
+    """cspresnet's BatchNormAct2d with LeakyReLU once read "100%" with every activation
+    left: the BatchNorm folds, the activation is kept, listed and counted as kept."""
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False),
+                          timm_layers.BatchNormAct2d(4, act_layer=nn.LeakyReLU))
+
+    class Wrap(nn.Module):  # traced as a graph, not as a Sequential
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return self.body(x) * 2
+    report = explain(Wrap())
+    assert report.bn_folded == 1 and report.activations_absorbed == 0
+    assert report.activation_sites == 1, str(report)
+    assert "activations absorbed: 0/1 (0.0%)" in str(report)
+
+
+def test_report_keeps_the_conv_line_first():
+    """The first line reads as it always has (scripts parse it)."""
+    report = explain(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert str(report).splitlines()[0] == "cnnfuse: 1/1 conv sites fused (100.0%)"
+    assert report.coverage == 1.0 and report.conv_fused == report.conv_sites == 1
