@@ -81,4 +81,4 @@ def side_by_side(a: Agreement, labels: Sequence[str], first: int) -> str:
                      f"{'' if u[0] == f[0] else '  DIFFERENT'}")
     if len(a.rows) > first:
         lines.append(f"... and {len(a.rows) - first} more (all in the JSON)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)

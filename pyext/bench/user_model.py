@@ -2,7 +2,8 @@
 user's checkpoint.
 
 Names: a torchvision classification model ("resnet50"), a timm model as "timm:<name>" or
-"timm/<name>", or a plain name torchvision lacks and timm has ("resnet26d"). A checkpoint is a
+"timm/<name>", a plain name torchvision lacks and timm has ("resnet26d"), or one of the seed
+architectures no library ships as "cnnfuse/<name>" (cnnfuse.models.architectures). A checkpoint is a
 `torch.save` file holding a state_dict (possibly under "state_dict", "model", ... as training
 scripts save it, with DataParallel's "module." prefix), loaded with `weights_only=True`, so
 loading it runs no code from the file. A whole pickled model loads only when the caller says it
@@ -33,7 +34,7 @@ _AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
 @dataclass
 class UserModel:
     model: nn.Module   # float32, eval mode, on the CPU
-    family: str        # "torchvision", "timm" or "pickle" (a whole model from the checkpoint)
+    family: str        # "torchvision", "timm", "cnnfuse" or "pickle" (a whole pickled model)
     arch: str          # the torchvision or timm name (preprocessing is looked up by it)
     weights: str       # where the weights came from, for the report
 
@@ -43,6 +44,12 @@ def resolve(name: str) -> tuple[str, str]:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"--model must be a model name, got {name!r}")
     name = name.strip()
+    if name.startswith("cnnfuse/"):
+        from ..models.architectures import ARCHITECTURES
+        if name[8:] not in ARCHITECTURES:
+            raise ValueError(f"--model {name!r}: cnnfuse.models.architectures has "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
+        return "cnnfuse", name[8:]
     for prefix in ("timm:", "timm/"):
         if name.startswith(prefix):
             return "timm", _timm_name(name[len(prefix):], name)
@@ -71,12 +78,15 @@ def _timm_name(arch: str, given: str) -> str:
 def build(family: str, arch: str, num_classes: Optional[int] = None) -> nn.Module:
     """The architecture with random weights and randomised BatchNorm statistics (a fresh
     BatchNorm is an identity and would hide folding bugs), float32, eval mode."""
-    zoo_name = f"timm/{arch}" if family == "timm" else arch
+    zoo_name = f"{family}/{arch}" if family in ("timm", "cnnfuse") else arch
     if zoo_name in zoo.ZOO and num_classes is None:
         return zoo.build(zoo_name)  # the zoo's exact models and seeds
     torch.manual_seed(0)
     extra = {} if num_classes is None else {"num_classes": num_classes}
-    if family == "timm":
+    if family == "cnnfuse":
+        from ..models.architectures import ARCHITECTURES
+        model = ARCHITECTURES[arch](**extra)
+    elif family == "timm":
         import timm
         model = timm.create_model(arch, pretrained=False, **extra)
     else:

@@ -16,6 +16,7 @@ timm = pytest.importorskip("timm")
     ("timm/inception_v4", "timm", "inception_v4"),
     ("resnet26d", "timm", "resnet26d"),       # torchvision lacks it, timm has it
     (" mobilenet_v3_small ", "torchvision", "mobilenet_v3_small"),
+    ("cnnfuse/nin", "cnnfuse", "nin"),
 ])
 def test_names_resolve(name, family, arch):
     assert user_model.resolve(name) == (family, arch)
@@ -25,6 +26,7 @@ def test_names_resolve(name, family, arch):
     ("fasterrcnn_resnet50_fpn", "not a torchvision classification model"),
     ("timm:resnet26x", "did you mean"),
     ("", "--model must be a model name"),
+    ("cnnfuse/no_such_seed", "cnnfuse.models.architectures has .*nin"),
 ])
 def test_bad_names_are_named(name, says):
     with pytest.raises(ValueError, match=says):
@@ -36,6 +38,22 @@ def test_zoo_names_build_the_zoo_models():
     want = zoo.build("squeezenet1_1")
     for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_every_zoo_name_resolves():
+    for name in zoo.ZOO:
+        family, arch = user_model.resolve(name)
+        assert name.endswith(arch) and family in ("torchvision", "timm", "cnnfuse")
+
+
+def test_seed_architecture_checkpoint_loads(tmp_path):
+    trained = zoo.build("cnnfuse/nin")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    torch.save(trained.state_dict(), tmp_path / "nin.pt")
+    got = user_model.load("cnnfuse/nin", tmp_path / "nin.pt")
+    assert got.family == "cnnfuse" and _same_weights(got.model, trained)
 
 
 def _trained(name="mobilenet_v3_small", **kwargs):
