@@ -1,6 +1,7 @@
 """The main job: `python -m cnnfuse.bench --model googlenet --batch 64` (or `cnnfuse-bench`).
 
-Builds the model (any torchvision or timm classifier, random weights or `--checkpoint`),
+Builds the model (any torchvision or timm classifier or cnnfuse's seed architectures, random
+weights or `--checkpoint`),
 fuses it, checks the fused logits against the unfused model in fp64, then times every provider
 (cuDNN eager, eager with conv + BN folded, torch.compile with freezing, cnnfuse, torch.compile
 of cnnfuse) under CUDA graphs in the same dtype and layout, prints a table and writes JSON
@@ -41,8 +42,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cnnfuse-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=_Defaults)
     p.add_argument("--model", default="googlenet",
-                   help="a torchvision classification model, or a timm model as timm:<name> "
-                        "(or timm/<name>, or a plain name torchvision lacks)")
+                   help="a torchvision classification model, a timm model as timm:<name> "
+                        "(or timm/<name>, or a plain name torchvision lacks), or a seed "
+                        "architecture as cnnfuse/<name>")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="weights to load: a torch.save'd state_dict (also nested under "
                         "'state_dict', 'model', ...), read with weights_only=True (default: "
