@@ -4,11 +4,11 @@ Builds the model (any torchvision or timm classifier, or a cnnfuse seed architec
 weights or `--checkpoint`), fuses it, checks the fused logits against the unfused model in
 fp64, then times every provider (cuDNN eager, eager with conv + BN folded, torch.compile
 with freezing, cnnfuse, torch.compile of cnnfuse) under CUDA graphs in the same dtype and
-layout, prints a table and writes JSON (which `python -m cnnfuse.bench.report` reads) and a PNG bar chart. With `--images DIR` the
-check and the timing run on those photographs, preprocessed as the model's pretrained config
-says, and it reports how often fused and unfused agree on the top-1 and top-5 classes. Without
-a GPU it checks correctness on the CPU path at a small batch (`--cpu-batch`) and says that
-timing needs CUDA.
+layout, prints a table and writes JSON (which `python -m cnnfuse.bench.report` reads) and a
+PNG bar chart. With `--images DIR` the check and the timing run on those photographs,
+preprocessed as the model's pretrained config says, and it reports how often fused and
+unfused agree on the top-1 and top-5 classes. Without a GPU it checks correctness on the CPU
+path at a small batch (`--cpu-batch`) and says that timing needs CUDA.
 """
 import argparse
 import contextlib
