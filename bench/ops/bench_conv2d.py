@@ -1,8 +1,15 @@
 """Per layer: every distinct conv of ResNet-50 and GoogLeNet at batch 1 and 128, fp16 NHWC.
 
-Providers: `cudnn` runs conv + BatchNorm + ReLU as PyTorch eager does; `cudnn_conv_only` the
-bare conv; `cnnfuse` the fused op (BN folded, ReLU in the epilogue). All in CUDA graphs.
+Providers, all in CUDA graphs: `cudnn` runs conv + BatchNorm + ReLU as PyTorch eager does;
+`cudnn_conv_only` the bare conv; `cnnfuse` the fused op (BN folded, ReLU in the epilogue),
+autotuned over its backends; `cnnfuse_triton` the same op on the Triton kernel alone at its
+untimed default pick (CNNFUSE_BACKEND=triton, CNNFUSE_AUTOTUNE=0: the kernel that
+`python -m cnnfuse.bench.static` checks). CNNFUSE_BENCH_CANDIDATES=N bounds the autotuned
+provider's Triton candidates to the default pick and the first N - 1 others (the quick GPU
+session's bound on tuning time). Batches have ids b1 and b128 (`-k b128`).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,10 +42,26 @@ def _id(item):
     return f"{name}-{cin}x{h}x{w}-{cout}-{k[0]}x{k[1]}s{s[0]}"
 
 
-@pytest.mark.parametrize("provider", ["cudnn", "cudnn_conv_only", "cnnfuse"])
-@pytest.mark.parametrize("batch", [1, 128])
+def _bound_candidates(monkeypatch):
+    """CNNFUSE_BENCH_CANDIDATES=N: the Triton configs timed per shape cut to N, the default
+    pick first (cnnfuse.bench.static.bounded_candidates)."""
+    limit = int(os.environ.get("CNNFUSE_BENCH_CANDIDATES", "0"))
+    if limit > 0:
+        from cnnfuse.bench.static import bounded_candidates
+        from cnnfuse.kernels import conv2d as kernel
+        monkeypatch.setattr(kernel, "candidate_configs",
+                            lambda *args, **kw: bounded_candidates(*args, limit=limit, **kw))
+
+
+@pytest.mark.parametrize("provider", ["cudnn", "cudnn_conv_only", "cnnfuse", "cnnfuse_triton"])
+@pytest.mark.parametrize("batch", [1, 128], ids=["b1", "b128"])
 @pytest.mark.parametrize("layer", SHAPES, ids=[_id(s) for s in SHAPES])
-def test_conv_bn_relu(layer, batch, provider, timed):
+def test_conv_bn_relu(layer, batch, provider, timed, monkeypatch):
+    if provider == "cnnfuse_triton":
+        monkeypatch.setenv("CNNFUSE_BACKEND", "triton")
+        monkeypatch.setenv("CNNFUSE_AUTOTUNE", "0")
+    elif provider == "cnnfuse":
+        _bound_candidates(monkeypatch)
     _, (cin, cout, k, stride, pad, h, w) = layer
     dev, dt = "cuda", torch.float16
     x = torch.randn(batch, cin, h, w, device=dev, dtype=dt).contiguous(
@@ -50,7 +73,7 @@ def test_conv_bn_relu(layer, batch, provider, timed):
     fused.fold_bn(bn)
     fused.activation = "relu"
     fns = {"cudnn": lambda: F.relu(bn(conv(x))), "cudnn_conv_only": lambda: conv(x),
-           "cnnfuse": lambda: fused(x)}
+           "cnnfuse": lambda: fused(x), "cnnfuse_triton": lambda: fused(x)}
     with torch.no_grad():
         y = fns[provider]()
         replay = graph_callable(fns[provider])
