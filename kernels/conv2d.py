@@ -48,13 +48,12 @@ import triton.language as tl
 
 from .activation import apply_activation
 from .aot import compile_specialised
+from .conv2d_args import POOL_MODES, arguments, stand_ins  # noqa: F401
 from .conv2d_configs import (CONFIGS, GROUPED_CONFIGS, INTERPRETER_CONFIG,  # noqa: F401
                              INTERPRETER_GROUPED_CONFIG, SHARED_BYTES, STEM_CHANNELS,
                              Conv2dConfig, Conv2dProblem, Window, candidate_configs,
                              default_config)
 
-_INT32_LIMIT = 2 ** 31 - 1
-POOL_MODES = {"max": 1, "avg": 2, "avg_valid": 3}  # avg_valid: the padding is not counted
 
 
 @triton.jit
@@ -355,127 +354,6 @@ def _splitk_reduce_kernel(
               HAS_BIAS, HAS_RES, ACT, POOL, DOT_FP32, INT64, BLOCK_M)
 
 
-REDUCE_BLOCK = (64, 64)
-
-# ---------------------------------------------------------------------------------------------
-# Launch arguments: one function for the runtime launch and the ahead-of-time compile.
-
-
-class _Pointer:
-    """Stands in for a tensor when compiling ahead: Triton specialises pointers on their
-    dtype and on whether their address is 16-byte aligned."""
-
-    def __init__(self, dtype: torch.dtype, aligned: bool = True):
-        self.dtype = dtype
-        self._address = 0 if aligned else 2
-
-    def data_ptr(self) -> int:
-        return self._address
-
-
-def _dense_cl(n, c, h, w):
-    return (h * w * c, 1, w * c, c)
-
-
-def _span(shape, strides) -> int:
-    return 1 + sum((d - 1) * abs(st) for d, st in zip(shape, strides))
-
-
-def _vec(element_size: int, contiguous, *values) -> int:
-    """16 bytes in elements if the channel stride is 1 and all values are multiples of it."""
-    v = 16 // element_size
-    return v if contiguous and all(x % v == 0 for x in values) else 1
-
-
-def _arguments(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, t: dict,
-               dot_fp32: bool = False):
-    """(args, constexprs, grid, reduce) of one launch. t maps x, w, bias, res, y, scale,
-    affine, dw, dwb, pool, ws to tensors (or _Pointer stand-ins, or None where absent); x and
-    w are the padded ones when p.stem. reduce is (args, constexprs, grid) of the split-K sum,
-    or None."""
-    oh, ow = p.out_hw
-    win = p.window
-    stem = p.stem
-    y = t["y"]
-    ptr = {k: (t.get(k) if t.get(k) is not None else y)
-           for k in ("x", "w", "bias", "res", "y", "scale", "affine", "dw", "dwb", "pool", "ws")}
-    c = STEM_CHANNELS if stem else p.c
-    cg = c // p.groups
-    xs = _dense_cl(p.n, c, p.h, p.w) if stem or p.x_strides is None else tuple(p.x_strides)
-    ws_ = (_dense_cl(p.k, c, p.r, p.s) if stem or p.w_strides is None
-           else tuple(p.w_strides))
-    ys = _dense_cl(p.n, p.k, oh, ow) if p.y_strides is None else tuple(p.y_strides)
-    rs = (_dense_cl(p.n, p.k, oh, ow) if p.residual_strides is None
-          else tuple(p.residual_strides)) if p.residual else ys
-    esize = torch.empty((), dtype=dtype).element_size()
-    xvec = 1 if p.groups > 1 or stem else _vec(
-        esize, xs[1] == 1 and ws_[1] == 1, c, xs[0], xs[2], xs[3], ws_[0], ws_[2], ws_[3])
-    yvec = _vec(esize, ys[1] == 1 and rs[1] == 1, p.k, ys[0], ys[2], ys[3], rs[0], rs[2],
-                rs[3])
-    xv = (xs[0] // xvec, xs[1], xs[2] // xvec, xs[3] // xvec)
-    wv = (ws_[0] // xvec, ws_[1], ws_[2] // xvec, ws_[3] // xvec)
-    yv = (ys[0] // yvec, ys[1], ys[2] // yvec, ys[3] // yvec)
-    rv = (rs[0] // yvec, rs[1], rs[2] // yvec, rs[3] // yvec)
-    m = p.n * oh * ow
-    spans = [_span((p.n, c, p.h, p.w), xs), _span((p.n, p.k, oh, ow), ys),
-             _span((p.n, p.k, oh, ow), rs), cfg.split_k * m * p.k + 1, _span(
-                 (p.k, cg, p.r, p.s), ws_)]
-    int64 = max(spans) > _INT32_LIMIT
-    if win is None:
-        conv_hw = (p.h, p.w)
-        window = (0, 0, 0, 1, 1, 0, 0, 1, 1)
-        conv = (*p.stride, p.padding[2], p.padding[0], *p.dilation)
-    else:
-        conv_hw = (oh, ow)
-        window = (*win.weight_strides, *win.stride, win.padding[2], win.padding[0],
-                  *win.dilation)
-        conv = (1, 1, 0, 0, 1, 1)
-    args = (ptr["x"], ptr["w"], ptr["bias"], ptr["res"], ptr["y"], ptr["scale"],
-            ptr["affine"], ptr["dw"], ptr["dwb"], ptr["pool"], ptr["ws"],
-            p.n, c // xvec, *conv_hw, p.k // yvec, oh, ow, p.h, p.w,
-            *xv, *wv, *rv, *yv,
-            *((p.c, 1) if p.input_scale is not None else (0, 0)),
-            *((p.c, 1) if p.input_affine is not None else (0, 0)),
-            *window[:3], *conv, *window[3:], cg, p.k // p.groups, 1.0 / (oh * ow))
-    precision = "tf32" if dtype == torch.float32 and p.allow_tf32 and not dot_fp32 else "ieee"
-    constexprs = dict(
-        R=1 if win else p.r, S=1 if win else p.s, GROUPED=p.groups > 1,
-        HAS_SCALE=p.input_scale is not None, HAS_AFFINE=p.input_affine is not None,
-        IN_ACT=p.input_activation, DW=win is not None and win.kind == "dw",
-        POOL_IN=POOL_MODES.get(win.kind, 0) if win else 0,
-        RD=win.kernel[0] if win else 1, SD=win.kernel[1] if win else 1,
-        DW_BIAS=bool(win and win.bias), DW_ACT=win.activation if win else 0,
-        HAS_BIAS=p.bias, HAS_RES=p.residual, ACT=p.activation, POOL=p.pooled, STEM=stem,
-        XVEC=xvec, YVEC=yvec, SPLIT_K=cfg.split_k, INT64=int64, PRECISION=precision,
-        DOT_FP32=dot_fp32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(p.k, cfg.block_n), cfg.split_k)
-    reduce = None
-    if cfg.split_k > 1:
-        bm, bn = REDUCE_BLOCK
-        reduce = ((ptr["ws"], ptr["bias"], ptr["res"], ptr["y"], ptr["pool"], m, p.k // yvec,
-                   oh, ow, *rv, *yv, 1.0 / (oh * ow)),
-                  dict(SPLIT_K=cfg.split_k, HAS_BIAS=p.bias, HAS_RES=p.residual,
-                       ACT=p.activation, POOL=p.pooled, DOT_FP32=dot_fp32, INT64=int64,
-                       YVEC=yvec, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1),
-                  (triton.cdiv(m, bm), triton.cdiv(p.k, bn)))
-    return args, constexprs, grid, reduce
-
-
-def _stand_ins(p: Conv2dProblem, dtype: torch.dtype, split_k: int) -> dict:
-    f32 = torch.float32
-    return dict(x=_Pointer(dtype, p.x_aligned or p.stem), w=_Pointer(dtype),
-                bias=_Pointer(dtype) if p.bias else None,
-                res=_Pointer(dtype) if p.residual else None,
-                y=_Pointer(dtype, p.y_aligned),
-                scale=_Pointer(p.input_scale) if p.input_scale is not None else None,
-                affine=_Pointer(p.input_affine) if p.input_affine is not None else None,
-                dw=_Pointer(dtype) if p.window is not None and p.window.kind == "dw" else None,
-                dwb=_Pointer(dtype) if p.window is not None and p.window.bias else None,
-                pool=_Pointer(f32) if p.pooled else None,
-                ws=_Pointer(f32) if split_k > 1 else None)
-
-
 def compile_for_shape(problem: Conv2dProblem, config: Conv2dConfig, dtype: torch.dtype,
                       capability: int = 90, reduction: bool = False):
     """The conv kernel compiled for `capability` (no GPU needed) exactly as a launch of
@@ -487,8 +365,8 @@ def compile_for_shape(problem: Conv2dProblem, config: Conv2dConfig, dtype: torch
     if problem.window is not None:  # as _run launches it
         config = _fitted(config, problem.window.kernel[0] * problem.window.kernel[1],
                          torch.empty((), dtype=dtype).element_size())
-    args, constexprs, _, reduce = _arguments(problem, config, dtype,
-                                             _stand_ins(problem, dtype, config.split_k))
+    args, constexprs, _, reduce = arguments(problem, config, dtype,
+                                            stand_ins(problem, dtype, config.split_k))
     if reduction:
         if reduce is None:
             raise ValueError("reduction=True needs a config with split_k > 1")
@@ -569,7 +447,7 @@ def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
         pool.zero_()  # the tiles add into it
     if cfg.split_k > 1:
         t["ws"] = torch.empty(cfg.split_k * p.m * p.k, dtype=torch.float32, device=x.device)
-    args, constexprs, grid, reduce = _arguments(p, cfg, x.dtype, t, dot_fp32)
+    args, constexprs, grid, reduce = arguments(p, cfg, x.dtype, t, dot_fp32)
     _conv2d_kernel[grid](*args, **constexprs)
     if reduce is not None:
         _splitk_reduce_kernel[reduce[2]](*reduce[0], **reduce[1])

@@ -5,6 +5,7 @@ The problem is the single description shared by the runtime launcher and the ahe
 compile (kernels/conv2d.py builds the launch arguments from it in both cases), so the kernel
 that is checked statically is the kernel that runs.
 """
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -235,7 +236,11 @@ def candidate_configs(problem, k: Optional[int] = None, c: Optional[int] = None,
     GEMM, the older form, after a load-stage window of `taps` taps if taps > 1): tiles that are not mostly padding, operand buffers that fit in
     shared memory at dtype's size (fp16 if None), and split-K versions of the dense tiles
     that fill fewer than two waves."""
-    p = _as_problem(problem, k, c, groups, taps)
+    return list(_candidates(_as_problem(problem, k, c, groups, taps), dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _candidates(p: Conv2dProblem, dtype) -> tuple:
     size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
     if p.groups > 1:
         kg = p.k // p.groups
@@ -244,7 +249,7 @@ def candidate_configs(problem, k: Optional[int] = None, c: Optional[int] = None,
                if cfg.block_n <= max(16, triton.next_power_of_2(min(p.k, max(kg, 32))))
                and cfg.block_m <= max(64, triton.next_power_of_2(p.m))
                and cfg.shared_bytes(size) <= SHARED_BYTES]
-        return out or [GROUPED_CONFIGS[0]]
+        return tuple(out or [GROUPED_CONFIGS[0]])
     depth = p.s * STEM_CHANNELS if p.stem else p.c
     taps = p.window.kernel[0] * p.window.kernel[1] if p.window is not None else 1
 
@@ -261,7 +266,8 @@ def candidate_configs(problem, k: Optional[int] = None, c: Optional[int] = None,
         if sk > 1:
             split.append(Conv2dConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
                                       cfg.num_stages, cfg.group_m, sk))
-    return out + sorted(split, key=lambda cfg: _split_rank(p, cfg), reverse=True)[:MAX_SPLIT]
+    return tuple(out + sorted(split, key=lambda cfg: _split_rank(p, cfg),
+                              reverse=True)[:MAX_SPLIT])
 
 
 MAX_SPLIT = 4  # split-K candidates timed per shape
@@ -283,8 +289,12 @@ def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
     the largest tile that still gives two waves of tiles on SM_COUNT SMs with little of the
     last wave idle; if none does, the split-K config of best _split_rank; failing both, the
     largest four-warp tile that still fills the SMs."""
-    p = _as_problem(problem, k, c, groups, taps)
-    cands = candidate_configs(p, dtype=dtype)
+    return _default(_as_problem(problem, k, c, groups, taps), dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _default(p: Conv2dProblem, dtype) -> Conv2dConfig:
+    cands = _candidates(p, dtype)
     plain = [cfg for cfg in cands if cfg.split_k == 1]
 
     def area(cfg):
