@@ -22,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import autotune, ref
 from .._ext import has_cudnn_frontend, relaxed_capture
 from ..backend import ran, requested_backend, triton_interpreting, warn_once
-from . import _check
+from . import _check, _eager
 from .bias_act import bias_act_into
 from .depthwise_conv2d import depthwise_conv2d_into, is_depthwise
 
@@ -131,9 +131,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     stride, pads, dilation, shape = plan(x, weight, bias, stride, padding, dilation, groups,
                                          activation, residual, input_scale, input_affine,
                                          input_activation)
+    if return_pooled and out is not None:
+        raise ValueError("return_pooled does not combine with out= (pool the slice instead)")
+    if out is not None:
+        _check.out_slice(out, x, shape, out_channel_offset)
+    if _eager.active(x):  # plain eager: the op's implementation, without torch.library's wrapper
+        prologue = (input_scale, input_affine, input_activation)
+        if return_pooled:
+            pool = x.new_empty(shape[:2], dtype=torch.float32)
+            return _run(x, weight, bias, stride, pads, dilation, groups, activation, residual,
+                        prologue, None, pool), pool
+        dest = None if out is None else out.narrow(1, out_channel_offset, shape[1])
+        y = _run(x, weight, bias, stride, pads, dilation, groups, activation, residual,
+                 prologue, dest)
+        return y if out is None else out
     if return_pooled:
-        if out is not None:
-            raise ValueError("return_pooled does not combine with out= (pool the slice instead)")
         return torch.ops.cnnfuse.conv2d_pooled(x, weight, bias, stride, pads, dilation, groups,
                                                activation, residual, input_scale,
                                                input_affine, input_activation)
@@ -141,7 +153,6 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return torch.ops.cnnfuse.conv2d(x, weight, bias, stride, pads, dilation, groups,
                                         activation, residual, input_scale, input_affine,
                                         input_activation)
-    _check.out_slice(out, x, shape, out_channel_offset)
     torch.ops.cnnfuse.conv2d_into(x, weight, bias, stride, pads, dilation, groups, activation,
                                   residual, input_scale, input_affine, input_activation, out,
                                   out_channel_offset)

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import ref
 from .._ext import relaxed_capture
 from ..backend import ran, requested_backend, triton_interpreting, warn_once
-from . import _check
+from . import _check, _eager
 
 
 @torch.library.custom_op("cnnfuse::se_gate", mutates_args=())
@@ -61,6 +61,8 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
             gate_activation: str = "sigmoid") -> torch.Tensor:
     """pooled (N, C) (float32 or the weights' dtype), w1 (R, C), b1 (R,), w2 (C, R), b2 (C,)."""
     check_args(pooled, w1, b1, w2, b2, activation, gate_activation)
+    if _eager.active(pooled):  # plain eager: the op's implementation, without the wrapper
+        return _run(pooled, w1, b1, w2, b2, activation, gate_activation)
     return torch.ops.cnnfuse.se_gate(pooled, w1, b1, w2, b2, activation, gate_activation)
 
 

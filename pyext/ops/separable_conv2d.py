@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import autotune, ref
-from . import _check
+from . import _check, _eager
 from .conv2d import _key, conv_flops, output_hw, plan, run_pair
 
 _tuner = autotune.Autotuner("separable_conv2d")
@@ -30,9 +30,14 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor,
     (N, C_total, OH, OW) the result lands in channels [out_channel_offset, +K)."""
     args, shape = check_args(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding,
                              dw_dilation, dw_activation, activation, residual)
+    if out is not None:
+        _check.out_slice(out, x, shape, out_channel_offset)
+    if _eager.active(x):  # plain eager: the op's implementation, without torch.library's wrapper
+        dest = None if out is None else out.narrow(1, out_channel_offset, shape[1])
+        y = _run(*args, dest)
+        return y if out is None else out
     if out is None:
         return torch.ops.cnnfuse.separable_conv2d(*args)
-    _check.out_slice(out, x, shape, out_channel_offset)
     torch.ops.cnnfuse.separable_conv2d_into(*args, out, out_channel_offset)
     return out
 
