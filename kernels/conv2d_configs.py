@@ -288,14 +288,13 @@ def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
     """The untimed pick (autotuning off, first call inside a CUDA graph), a per-shape rule:
     the largest tile that still gives two waves of tiles on SM_COUNT SMs with little of the
     last wave idle; if none does, the split-K config of best _split_rank; failing both, the
-    largest four-warp tile that still fills the SMs."""
+    largest tile that still fills half the SMs. Warpgroup (4+ warp) tiles are tried first."""
     return _default(_as_problem(problem, k, c, groups, taps), dtype)
 
 
 @functools.lru_cache(maxsize=4096)
 def _default(p: Conv2dProblem, dtype) -> Conv2dConfig:
     cands = _candidates(p, dtype)
-    plain = [cfg for cfg in cands if cfg.split_k == 1]
 
     def area(cfg):
         return cfg.block_m * cfg.block_n
@@ -303,15 +302,18 @@ def _default(p: Conv2dProblem, dtype) -> Conv2dConfig:
     def wave_efficiency(cfg):
         tiles = _tiles(p, cfg)
         return tiles / (triton.cdiv(tiles, SM_COUNT) * SM_COUNT)
-    full = [cfg for cfg in plain if _tiles(p, cfg) >= 2 * SM_COUNT]
-    if full:
-        # the largest tile whose last wave is at least 3/4 full, else the best-filled one
-        good = [cfg for cfg in full if wave_efficiency(cfg) >= 0.75]
-        pool = good or full
-        return max(pool, key=lambda cfg: (area(cfg) if good else wave_efficiency(cfg),
-                                          cfg.block_k, -cfg.num_stages))
-    split = [cfg for cfg in cands if cfg.split_k > 1]
-    if split and p.groups == 1:
-        return max(split, key=lambda cfg: _split_rank(p, cfg))
-    return max(plain, key=lambda cfg: (_tiles(p, cfg) >= 0.75 * SM_COUNT, cfg.num_warps >= 4,
+    # warpgroup (4+ warp) tiles first: Hopper's wgmma; two-warp tiles only if nothing else fits
+    for group in ([cfg for cfg in cands if cfg.num_warps >= 4], list(cands)):
+        plain = [cfg for cfg in group if cfg.split_k == 1]
+        full = [cfg for cfg in plain if _tiles(p, cfg) >= 2 * SM_COUNT]
+        if full:
+            # the largest tile whose last wave is at least 3/4 full, else the best-filled one
+            good = [cfg for cfg in full if wave_efficiency(cfg) >= 0.75]
+            return max(good or full, key=lambda cfg: (
+                area(cfg) if good else wave_efficiency(cfg), cfg.block_k, -cfg.num_stages))
+        split = [cfg for cfg in group if cfg.split_k > 1]
+        if split and p.groups == 1:
+            return max(split, key=lambda cfg: _split_rank(p, cfg))
+    plain = [cfg for cfg in cands if cfg.split_k == 1]
+    return max(plain, key=lambda cfg: (_tiles(p, cfg) >= SM_COUNT // 2, cfg.num_warps >= 4,
                                        area(cfg)))
