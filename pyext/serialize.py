@@ -134,8 +134,11 @@ def _dim_order(shape, stride) -> list:
 
 
 class _TensorWriter:
+    """Indexes tensors as the description is built; writes their bytes afterwards, one tensor
+    at a time (a VGG's half gigabyte is never held twice)."""
+
     def __init__(self):
-        self.index, self.chunks, self.offset, self._seen = [], [], 0, {}
+        self.index, self.pending, self.offset, self._seen = [], [], 0, {}
 
     def add(self, t: torch.Tensor) -> int:
         if id(t) in self._seen:  # a tied parameter stays one tensor
@@ -147,15 +150,23 @@ class _TensorWriter:
         if not data.permute(order).is_contiguous():  # a broadcast or sliced view: keep values
             data = data.contiguous()
             order = list(range(data.dim()))
-        raw = data.permute(order).contiguous().cpu().reshape(-1).view(torch.uint8)
-        blob = raw.numpy().tobytes()
+        nbytes = data.numel() * data.element_size()
         self.index.append({"dtype": str(data.dtype)[6:], "shape": list(data.shape),
                            "stride": list(data.stride()), "device": str(t.device),
-                           "offset": self.offset, "nbytes": len(blob)})
-        self.chunks.append(blob)
-        self.offset += len(blob)
+                           "offset": self.offset, "nbytes": nbytes})
+        self.pending.append(data.permute(order))
+        self.offset += nbytes
         self._seen[id(t)] = len(self.index) - 1
         return len(self.index) - 1
+
+    def write(self, f) -> str:
+        """Write every tensor's bytes (in its memory order) to f; returns their SHA-256."""
+        digest = hashlib.sha256()
+        for data in self.pending:
+            raw = data.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            digest.update(raw)
+            f.write(memoryview(raw))
+        return digest.hexdigest()
 
 
 def _read_tensor(spec, blob: bytes, device) -> torch.Tensor:
@@ -177,7 +188,7 @@ def _read_tensor(spec, blob: bytes, device) -> torch.Tensor:
     if not out.permute(order).is_contiguous():
         raise _Error(f"tensors: strides {stride} do not lay out shape {shape} densely")
     if numel:
-        raw = torch.frombuffer(bytearray(blob[offset:offset + nbytes]), dtype=torch.uint8)
+        raw = torch.frombuffer(blob, dtype=torch.uint8, count=nbytes, offset=offset)
         out.permute(order).copy_(raw.view(dtype).reshape([shape[d] for d in order]))
     return out
 
@@ -509,19 +520,23 @@ def save(fused: nn.Module, path: PathLike) -> None:
         picks[op] = {**picks.get(op, {}), **table}
     members = {
         "model.json": json.dumps(model, separators=(",", ":"), allow_nan=False).encode(),
-        "tensors.bin": b"".join(tensors.chunks),
         "picks.json": json.dumps({"format": "cnnfuse-picks", "version": 1,
                                   "environment": environment(), "picks": picks}).encode()}
-    manifest = {"format": FORMAT, "version": VERSION, "cnnfuse": __version__,
-                "torch": torch.__version__,
-                "members": {n: {"sha256": _digest(d), "size": len(d)} for n, d in members.items()}}
+    listed = {n: {"sha256": _digest(d), "size": len(d)} for n, d in members.items()}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("manifest.json", json.dumps(manifest, indent=1))
-        for name, data in members.items():
-            zf.writestr(name, data)
-    os.replace(tmp, path)  # a reader never sees half a file
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+            with zf.open("tensors.bin", "w", force_zip64=True) as f:
+                listed["tensors.bin"] = {"sha256": tensors.write(f), "size": tensors.offset}
+            manifest = {"format": FORMAT, "version": VERSION, "cnnfuse": __version__,
+                        "torch": torch.__version__, "members": listed}
+            zf.writestr("manifest.json", json.dumps(manifest, indent=1))
+        os.replace(tmp, path)  # a reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_members(path: Path) -> dict:
@@ -536,7 +551,12 @@ def _read_members(path: Path) -> dict:
             listed = manifest.get("members")
             if not isinstance(listed, dict) or set(listed) != set(MEMBERS):
                 raise _Error(f"the manifest lists {sorted(listed or [])}, not {list(MEMBERS)}")
-            members = {name: zf.read(name) for name in MEMBERS}
+            members = {name: zf.read(name) for name in MEMBERS if name != "tensors.bin"}
+            with zf.open("tensors.bin") as f:  # read in place: torch.frombuffer shares it
+                blob = bytearray(zf.getinfo("tensors.bin").file_size)
+                if f.readinto(memoryview(blob)) != len(blob) or f.read(1):
+                    raise _Error("tensors.bin is shorter or longer than its zip entry says")
+                members["tensors.bin"] = blob
     except KeyError as exc:
         raise _Error(f"a member is missing ({exc})") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
