@@ -30,6 +30,23 @@ def test_layout(name):
         make(num_classes=0)
 
 
+def test_preactivation_unit():
+    """The full pre-activation unit of He et al. 2016: a projecting shortcut reads BN-ReLU(x),
+    as conv1 does; the identity shortcut reads x itself."""
+    unit = randomize_batchnorm(PreActBottleneck(8, 16, stride=2)).eval()
+    seen = {}
+    unit.shortcut.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    x = torch.randn(1, 8, 7, 7)
+    with torch.no_grad():
+        assert unit(x).shape == (1, 16, 4, 4)
+        assert torch.equal(seen["x"], torch.relu(unit.bn1(x)))
+        same = randomize_batchnorm(PreActBottleneck(16, 16)).eval()
+        z = torch.randn(1, 16, 5, 5)
+        branch = same.conv3(same.relu(same.bn3(same.conv2(same.relu(same.bn2(
+            same.conv1(same.relu(same.bn1(z)))))))))
+        assert same.shortcut is None and torch.allclose(same(z), branch + z)
+
+
 def test_attention_module():
     """(1 + M) * T with M in (0, 1): the module's output before its last unit lies between T
     and 2T; shape kept at odd sizes, whatever the depth."""
