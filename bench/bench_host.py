@@ -4,8 +4,8 @@ Eager use (no CUDA graph) at batch 1 to 32 is bound by host time per op, which t
 suites hide. Each case is an eager block (what the original model runs: conv, BatchNorm,
 activation, residual add, pool, SE layers) and the one fused module `cnnfuse.fuse` makes of
 it, called at a tiny shape so that the compute is negligible; both are timed interleaved
-(rounds of `calls` calls each, alternating, the median of the rounds), in µs per call, without
-synchronising the GPU inside a round (host time only). The models part times a whole forward
+(rounds of `calls` calls each, alternating, the median of the rounds), in µs of the calling
+thread's CPU time per call, without synchronising the GPU inside a round (host time only). The models part times a whole forward
 of the small zoo models at 1×3×16×16, original in channels_last against fused, also as µs per
 conv of the original.
 
@@ -105,7 +105,9 @@ def cases(c: int = 8, hw: int = 4):
 
 
 def _median_us(fns, calls: int, rounds: int, device: str) -> list:
-    """Interleaved rounds; per fn the median over rounds of the µs per call."""
+    """Interleaved rounds; per fn the median over rounds of the µs per call. The clock is
+    this thread's CPU time (time.thread_time): host work only, and on a shared machine not
+    the time the thread waited for a core."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in fns:  # warm-up: plans, autotuning, compilation
         for _ in range(5):
@@ -114,10 +116,10 @@ def _median_us(fns, calls: int, rounds: int, device: str) -> list:
     for _ in range(rounds):
         for i, fn in enumerate(fns):
             sync()
-            t = time.perf_counter()
+            t = time.thread_time()
             for _ in range(calls):
                 fn()
-            times[i].append((time.perf_counter() - t) / calls * 1e6)
+            times[i].append((time.thread_time() - t) / calls * 1e6)
     sync()
     return [statistics.median(t) for t in times]
 
