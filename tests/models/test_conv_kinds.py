@@ -212,6 +212,7 @@ def test_mixed_conv_batchnorm_folds_slice_by_slice(channels, kernels):
     assert len(convs) == len(kernels) and all(c.folded_bn and c.activation == "silu"
                                               for c in convs)
     assert report.fused["batchnorm folded into concat slices"] == 1
+    assert report.bn_folded == report.batchnorms == 1, str(report)
     assert not modules_of(fused, nn.BatchNorm2d), str(report)
 
 
