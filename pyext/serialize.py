@@ -52,6 +52,16 @@ _MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format,
 _FUNCTION_NAMESPACES = {"operator": operator, "math": math, "torch": torch,
                         "torch.nn.functional": F, "builtins": builtins}
 _OP_NAMESPACES = ("aten", "cnnfuse")
+# operator's arithmetic, comparisons and indexing only: attrgetter, methodcaller and call
+# would reach any attribute or callable, private ones included.
+_OPERATORS = frozenset((
+    "abs add and_ concat contains eq floordiv ge getitem gt iadd iand iconcat ifloordiv "
+    "ilshift imatmul imod imul index inv invert ior ipow irshift is_ is_not isub itruediv "
+    "ixor le lshift lt matmul mod mul ne neg not_ or_ pos pow rshift setitem sub truediv "
+    "truth xor").split())
+# cnnfuse's own functions that a fused graph calls (concat buffers, the SE scale, layout
+# restores, the ops) live here; the rest of cnnfuse (save, load, the bench) is never a target.
+_CNNFUSE_NAMESPACES = ("cnnfuse.models.modules.", "cnnfuse.models.passes.", "cnnfuse.ops")
 _TENSOR_DUNDERS = {f"__{n}__" for n in (
     "getitem add sub mul truediv floordiv mod pow matmul and or xor neg pos invert abs "
     "radd rsub rmul rtruediv rfloordiv lt le gt ge eq ne iadd isub imul itruediv").split()}
@@ -253,7 +263,9 @@ def _resolve_function(ns_name: str, name: str):
     torch.nn.functional, operator, math, builtins.getattr and cnnfuse's public functions."""
     if not name.isidentifier() or name.startswith("_"):
         return None
-    if ns_name.startswith("cnnfuse.") and all(p.isidentifier() for p in ns_name.split(".")):
+    if ns_name.startswith("cnnfuse."):
+        if not _graph_namespace(ns_name):
+            return None
         try:
             ns = importlib.import_module(ns_name)
         except ImportError:
@@ -266,10 +278,21 @@ def _resolve_function(ns_name: str, name: str):
         return None
     if ns is builtins:
         return fn if fn is getattr else None
+    if ns is operator:
+        return fn if name in _OPERATORS else None
+    home = getattr(fn, "__module__", None)
     if ns is torch and not (isinstance(fn, types.BuiltinFunctionType)
-                            or getattr(fn, "__module__", "") == "torch.functional"):
+                            or home == "torch.functional"):
         return None  # torch.load, torch.save, torch.compile, ... are not graph calls
+    if ns is F and not (isinstance(fn, types.BuiltinFunctionType)
+                        or home in ("torch.nn.functional", "torch._C._nn")):
+        return None  # handle_torch_function, boolean_dispatch: they call what they are given
     return fn if name != "from_file" else None
+
+
+def _graph_namespace(ns_name: str) -> bool:
+    return (all(p.isidentifier() for p in ns_name.split("."))
+            and (ns_name == "cnnfuse.ops" or ns_name.startswith(_CNNFUSE_NAMESPACES)))
 
 
 def _decode_function(spec, where: str):
@@ -355,7 +378,7 @@ def _encode_hook(hook, where: str) -> dict:
     fn, args = (hook.func, hook.args) if isinstance(hook, functools.partial) and \
         not hook.keywords else (hook, ())
     module = getattr(fn, "__module__", None) or ""
-    if isinstance(fn, types.FunctionType) and module.startswith("cnnfuse.") and \
+    if isinstance(fn, types.FunctionType) and module.startswith("cnnfuse.models.") and \
             getattr(importlib.import_module(module), fn.__name__, None) is fn:
         return {"function": f"{module}:{fn.__name__}", "args": _encode(tuple(args), where)}
     raise _Error(f"module {where} has hooks (code); remove them before saving")
@@ -365,7 +388,7 @@ def _decode_hook(spec, where: str):
     name = spec.get("function") if isinstance(spec, dict) else None
     module, _, attr = name.partition(":") if isinstance(name, str) else ("", "", "")
     fn = None
-    if module.startswith("cnnfuse.") and all(p.isidentifier() for p in module.split(".")) \
+    if module.startswith("cnnfuse.models.") and all(p.isidentifier() for p in module.split(".")) \
             and attr.isidentifier() and not attr.startswith("__"):
         try:
             fn = getattr(importlib.import_module(module), attr, None)

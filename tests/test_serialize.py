@@ -163,6 +163,12 @@ def _first_call(root, op="call_function"):
     (lambda r: _first_call(r).update(target={"function": "os:system"}), "may make"),
     (lambda r: _first_call(r).update(target={"function": "torch:load"}), "may make"),
     (lambda r: _first_call(r).update(target={"function": "builtins:eval"}), "may make"),
+    (lambda r: _first_call(r).update(target={"function": "operator:attrgetter"}), "may make"),
+    (lambda r: _first_call(r).update(target={"function": "operator:call"}), "may make"),
+    (lambda r: _first_call(r).update(target={"function": "cnnfuse.tune:save_picks"}),
+     "may make"),
+    (lambda r: _first_call(r).update(
+        target={"function": "torch.nn.functional:handle_torch_function"}), "may make"),
     (lambda r: _first_call(r).update(target={"op": "os::system", "overload": None}), "may make"),
     (lambda r: _first_call(r).update(name="x; __import__('os').system('touch PWNED')"),
      "not an identifier"),
@@ -172,7 +178,8 @@ def _first_call(root, op="call_function"):
     (lambda r: r["modules"]["fc"]["attributes"].update(__class__="x"), "may not be set"),
     (lambda r: r["modules"]["fc"]["attributes"].update(in_features={"$pickle": "gASV"}),
      "unreadable value"),
-], ids=["os.system", "torch.load", "eval", "op-namespace", "node-name", "module-path",
+], ids=["os.system", "torch.load", "eval", "attrgetter", "operator.call", "cnnfuse-writer",
+        "handle_torch_function", "op-namespace", "node-name", "module-path",
         "module-type", "private-type", "dunder-attribute", "unknown-value"])
 def test_an_edited_file_with_fixed_digests_runs_nothing_it_names(saved, tmp_path, monkeypatch,
                                                                  edit, message):
@@ -223,3 +230,18 @@ def test_picks_travel_with_the_model(tmp_path, monkeypatch):
     assert autotune.preset == {"conv2d": {"some key": "triton_x"}}
     picks = json.loads(_members(tmp_path / "m.cnnfuse")["picks.json"])
     assert picks["environment"]["device"] == "cpu"
+
+
+@pytest.mark.cuda
+def test_save_load_on_the_gpu_is_bit_identical(tmp_path):
+    fused = cnnfuse.fuse(zoo.build("mobilenet_v2"), dtype=torch.float16).cuda()
+    x = torch.randn(4, 3, 96, 96, device="cuda", dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = fused(x)
+        cnnfuse.save(fused, tmp_path / "m.cnnfuse")
+        loaded = cnnfuse.load(tmp_path / "m.cnnfuse")
+        assert next(loaded.parameters()).is_cuda
+        assert torch.equal(loaded(x), want)
+        on_cpu = cnnfuse.load(tmp_path / "m.cnnfuse", map_location="cpu")
+        assert not any(p.is_cuda for p in on_cpu.parameters())
