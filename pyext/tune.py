@@ -221,7 +221,9 @@ def picks_from_environment() -> dict:
 
 def current_picks() -> dict:
     """The picks loaded in this process (from a file or CNNFUSE_PICKS), {op: {key: name}}."""
-    return {op: dict(t) for op, t in (autotune.preset or {}).items()}
+    if autotune.preset is None:
+        autotune.preset = picks_from_environment()
+    return {op: dict(t) for op, t in autotune.preset.items()}
 
 
 __all__ = ["TuneReport", "current_picks", "environment", "read_picks", "save_picks", "tune",
