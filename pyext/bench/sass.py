@@ -256,13 +256,15 @@ def _loops(ttgir: str):
     stack, enclosing, starts = [], [], {}
     for number, line in enumerate(ttgir.splitlines()):
         enclosing.append(tuple(i for i in stack if i is not None))
-        is_for = bool(re.search(r"\bscf\.for\b", line))
-        for ch in re.sub(r'"[^"]*"', "", line):
+        text = re.sub(r'"[^"]*"', "", line)
+        # the loop's region opens with the last brace on its line (earlier ones belong to
+        # attributes in the result types, e.g. #ttg.slice<{dim = 0, ...}>)
+        region = text.rfind("{") if re.search(r"\bscf\.for\b", text) else -1
+        for at, ch in enumerate(text):
             if ch == "{":
-                if is_for:
+                if at == region:
                     starts[number] = number
                     stack.append(number)
-                    is_for = False  # the loop's region is the first brace on its line
                 else:
                     stack.append(None)
             elif ch == "}" and stack:
