@@ -5,8 +5,16 @@ largest module that traces: the whole model when it can, else each child in turn
 tree), so a model with one untraceable block still fuses everywhere else. Where only the tree
 is seen, conv -> BatchNorm -> activation neighbours in a Sequential still fuse, by the same
 rule the graph pass applies.
+
+A module whose forward has defaulted arguments (`forward(self, x, skip=None)`) is not traced
+as a whole: FX would trace one way of calling it (`skip` a tensor, `if skip is not None` baked
+in as true) and the fused module would fail or differ when called the other way. Its children
+are fused instead. Hook-based reparametrisations (spectral_norm, weight_norm) are replaced by
+the weight they compute (`reparam`).
 """
-import copy
+import functools
+import inspect
+import operator
 from typing import Optional
 
 import torch
@@ -15,11 +23,37 @@ from torch import fx, nn
 from . import passes
 from .graph import FusionGraph
 from .modules import FusedConv2d
-from .passes import conv_bn_act, conv_subclasses
+from .modules.precision import fits
+from .passes import conv_bn_act, conv_subclasses, layout
+from .reparam import deepcopy_model, take_effective_weights
 from .report import FusionReport
+from ..backend import warn_once
+
+
+class _InPlaceProxy(fx.Proxy):
+    """FX's Proxy has no in-place operators, so `x += y` traces as `x = x + y`: the write
+    into x (and every view of it) is lost. These record operator.iadd & co., which the
+    passes treat as writes and the generated code runs as `x += y`."""
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _inplace(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+              "ixor", "ilshift", "irshift", "imatmul"):
+    setattr(_InPlaceProxy, f"__{_name}__", _inplace(getattr(operator, _name)))
 
 
 class _Tracer(fx.Tracer):
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # BatchNorm subclasses (timm's BatchNormAct2d) stay whole so they can be folded.
         if isinstance(m, (FusedConv2d, nn.BatchNorm2d)):
@@ -33,24 +67,73 @@ def fuse(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     """A fused copy of an eval-mode `model` (the model itself when inplace=True).
 
     The result computes the same function with folded BatchNorm and fused epilogues; it is
-    inference-only: calling .train() on it does not bring BatchNorm back.
+    inference-only: calling .train() on it does not bring BatchNorm back. Called with a
+    contiguous (NCHW) input it returns its outputs contiguous, as the original does; with a
+    channels_last input, channels_last. A conv whose folded weights would leave `dtype`'s
+    range or precision keeps them in float32 (logged once; `explain(model, dtype=...)`
+    lists them). torch.jit.script is not supported (TypeError): use torch.jit.trace or
+    torch.export.
+
+    Raises TypeError for a non-Module `model` or an unsupported `dtype`, ValueError for a
+    model in training mode.
     """
     if dtype is not None and dtype not in conv_bn_act.DTYPES:
         raise TypeError(f"dtype must be one of {conv_bn_act.DTYPES}, got {dtype}")
     fused, _ = _fuse(model, inplace)
     if dtype is not None:
         fused = fused.to(dtype)
+        wide = _float32_weights(fused, dtype)
+        if wide:
+            warn_once(f"fuse: {len(wide)} conv(s) keep float32 weights, their folded BatchNorm "
+                      f"is out of {dtype}'s range or precision: {', '.join(wide[:4])}"
+                      f"{', ...' if len(wide) > 4 else ''}")
     if memory_format is not None:
         fused = fused.to(memory_format=memory_format)
     for m in fused.modules():
         if isinstance(m, FusedConv2d):
             m.pack_weight()  # .to(memory_format=...) re-lays out depthwise weights too
+    _refuse_script(fused)
     return fused
 
 
-def explain(model: nn.Module) -> FusionReport:
-    """What `fuse(model)` fuses, and every site it leaves alone with the reason."""
-    return _fuse(model, inplace=False)[1]
+def explain(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -> FusionReport:
+    """What `fuse(model)` fuses, and every site it leaves alone with the reason; with `dtype`,
+    also the convs whose folded weights stay float32 in `fuse(model, dtype=dtype)`."""
+    fused, report = _fuse(model, inplace=False)
+    if dtype is not None:
+        wide = _float32_weights(fused, dtype, cast=False)
+        if wide:
+            report.add(f"conv weights kept float32 ({dtype} range)", len(wide))
+            for path in wide:
+                report.skip(path, f"folded weights out of {dtype}'s range or precision: "
+                                  "kept float32, computed in float32")
+    return report
+
+
+def _float32_weights(fused: nn.Module, dtype: torch.dtype, cast: bool = True) -> list:
+    """Paths of the folded convs whose weights stay float32 in a `dtype` model (cast: the
+    model is already cast; else whether it would be)."""
+    if dtype.itemsize >= 4:
+        return []
+    return [path for path, m in fused.named_modules() if isinstance(m, FusedConv2d)
+            and m.folded_bn and (m.weight.dtype == torch.float32 if cast else not all(
+                fits(p, dtype) for p in (m.weight, m.bias) if p is not None))]
+
+
+def _script_error(*_args, **_kwargs):
+    raise TypeError(
+        "torch.jit.script cannot compile a cnnfuse-fused model: its graph calls Python "
+        "functions and custom ops with Python dispatch. Use torch.jit.trace(fused, example) "
+        "or torch.export.export(fused, (example,)) instead; both keep the fused ops.")
+
+
+def _refuse_script(fused: nn.Module) -> None:
+    """torch.jit.script calls `__prepare_scriptable__` on the module and each submodule
+    first: make it say what to use instead of failing deep inside the compiler."""
+    for m in fused.modules():
+        if m is fused or isinstance(m, fx.GraphModule) or type(m).__module__.startswith(
+                "cnnfuse."):
+            m.__prepare_scriptable__ = _script_error
 
 
 def _fuse(model: nn.Module, inplace: bool):
@@ -64,10 +147,13 @@ def _fuse(model: nn.Module, inplace: bool):
             f"model.eval() first (training-mode modules: {', '.join(training[:3])}"
             f"{', ...' if len(training) > 3 else ''})")
     report = FusionReport(conv_sites=sum(isinstance(m, nn.Conv2d) for m in model.modules()))
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else deepcopy_model(model)
     with torch.no_grad():
+        for path, kind in take_effective_weights(target):
+            report.add(f"{kind} weight taken at fuse time")
         target = conv_subclasses.run_tree(target, report)
-        fused = _fuse_module(target, report, "")
+        channels_last = _channels_last_weights(target)
+        fused = _edge(_fuse_module(target, report, ""), channels_last)
     return fused, report
 
 
@@ -88,8 +174,18 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         # Neighbours in a Sequential are all a graph would show; staying a Sequential keeps
         # `model.features[0]` working.
-        _fuse_children(module, report, prefix)
+        _fuse_children(module, report, prefix, edges=False)
         conv_bn_act.run_sequential(module, report, prefix)
+        return module
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no forward: its owner calls them
+        _fuse_children(module, report, prefix)
+        return module
+    defaulted = _defaulted_arguments(module)
+    if defaulted:
+        report.untraceable.append((prefix.rstrip("."), (
+            f"forward has defaulted arguments ({', '.join(defaulted)}): a trace would fix one "
+            "way of calling it; its children are fused one by one")[:160]))
+        _fuse_children(module, report, prefix)
         return module
     try:
         graph = _Tracer().trace(module)
@@ -99,7 +195,9 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
         _fuse_children(module, report, prefix)
         return module
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    passes.run_all(FusionGraph(gm, report, prefix))
+    fg = FusionGraph(gm, report, prefix)
+    fg.model_channels_last = _channels_last_weights(module)
+    passes.run_all(fg)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -107,9 +205,53 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
     return gm
 
 
-def _fuse_children(module: nn.Module, report: FusionReport, prefix: str) -> None:
+def _channels_last_weights(module: nn.Module) -> bool:
+    """Whether the module's conv weights are channels_last (and not also contiguous): eager
+    convolutions then return channels_last whatever the input's layout."""
+    return any(m.weight.is_contiguous(memory_format=torch.channels_last)
+               and not m.weight.is_contiguous()
+               for m in module.modules() if isinstance(m, nn.Conv2d) and m.weight.dim() == 4)
+
+
+def _defaulted_arguments(module: nn.Module) -> list:
+    """`name=default` for each parameter of module.forward that has a default: a call may
+    leave it out, and FX traces every parameter as given."""
+    try:
+        params = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [f"{p.name}={p.default!r}"[:40] for p in params
+            if p.default is not inspect.Parameter.empty]
+
+
+def _fuse_children(module: nn.Module, report: FusionReport, prefix: str,
+                   edges: bool = True) -> None:
+    """Fuse each child; with `edges` (the module's own forward runs between them, as Python
+    the trace did not see), each fused child returns eager's layout."""
+    cl = _channels_last_weights(module)
     for name, child in list(module.named_children()):
-        setattr(module, name, _fuse_module(child, report, f"{prefix}{name}."))
+        fused = _fuse_module(child, report, f"{prefix}{name}.")
+        setattr(module, name, _edge(fused, cl) if edges else fused)
+
+
+def _edge(module: nn.Module, model_channels_last: bool) -> nn.Module:
+    """A fused module whose outputs reach code that was not traced (the caller, or a
+    forward FX could not trace) returns them in eager's layout (passes.layout): a hook, so
+    the module keeps its type and indexing. Traced graphs restore it themselves."""
+    if isinstance(module, fx.GraphModule) or not any(
+            type(m).__module__.startswith("cnnfuse.") for m in module.modules()):
+        return module
+    if not getattr(module, "_cnnfuse_layout_hook", False):
+        module.register_forward_hook(functools.partial(_restore_layout, model_channels_last))
+        module._cnnfuse_layout_hook = True
+    return module
+
+
+def _restore_layout(model_channels_last: bool, module, inputs, output):
+    like = inputs[0] if inputs else None
+    if isinstance(output, (tuple, list)):
+        return type(output)(layout.eager_layout(o, like, model_channels_last) for o in output)
+    return layout.eager_layout(output, like, model_channels_last)
 
 
 def _restore_containers(gm: fx.GraphModule, original: nn.Module) -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from .patterns import may_mutate
+from .patterns import may_alias_input, may_mutate
 from .report import FusionReport
 
 
@@ -16,6 +16,8 @@ class FusionGraph:
 
     def __init__(self, gm: fx.GraphModule, report: FusionReport, prefix: str):
         self.gm, self.graph, self.report, self.prefix = gm, gm.graph, report, prefix
+        # whether the original's conv weights are channels_last (eager then returns that)
+        self.model_channels_last = False
         self.modules = dict(gm.named_modules())
         self.calls = {}
         for node in self.graph.nodes:
@@ -67,10 +69,40 @@ class FusionGraph:
             node = node.next
         return False
 
-    @staticmethod
-    def reshape_not_view(node: fx.Node) -> None:
+    def aliases(self, nodes) -> set:
+        """Every node whose value may share storage with one of `nodes`: their views and the
+        views of those, and what they are views of, transitively."""
+        seen, todo = set(), list(nodes)
+        while todo:
+            node = todo.pop()
+            if node in seen or not isinstance(node, fx.Node):
+                continue
+            seen.add(node)
+            todo += [u for u in node.users if u.args and u.args[0] is node
+                     and may_alias_input(u, self.modules)]
+            if node.args and isinstance(node.args[0], fx.Node) and may_alias_input(
+                    node, self.modules):
+                todo.append(node.args[0])
+        return seen
+
+    def written(self, nodes) -> bool:
+        """Whether any node may write into a tensor sharing storage with one of `nodes` (an
+        in-place op, an `out=`, a module with inplace=True reading any alias of them)."""
+        aliases = self.aliases(nodes)
+        return any(may_mutate(u, self.modules) for a in aliases for u in a.users)
+
+    def escapes(self, node: fx.Node) -> bool:
+        """Whether `node`, or a view of it, is returned from the graph (the caller may write
+        into it)."""
+        return any(u.op == "output" for a in self.aliases([node]) for u in a.users)
+
+    def reshape_not_view(self, node: fx.Node) -> None:
         """The passes hand out channels_last buffers and channel slices where eager code had
-        contiguous tensors; `.view` on them may fail where `.reshape` gives the same values."""
+        contiguous tensors; `.view` on them may fail where `.reshape` gives the same values.
+        Only where nothing writes through either: a reshape may copy, a view never does
+        (the layout pass restores eager's layout for the views left)."""
+        if self.written([node]):
+            return
         for user in list(node.users):
             if (user.op == "call_method" and user.target == "view" and user.args[0] is node
                     and not any(isinstance(a, torch.dtype) for a in user.args[1:])):

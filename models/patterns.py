@@ -178,6 +178,41 @@ def may_mutate(node: fx.Node, modules: dict) -> bool:
     return position is not None and len(node.args) > position and bool(node.args[position])
 
 
+# Ops whose result may share storage with their (first) input: a write through one is a write
+# through the other. Casts and .contiguous() return the input itself when nothing changes.
+_VIEW_METHODS = frozenset((
+    "view", "view_as", "reshape", "reshape_as", "narrow", "select", "expand", "expand_as",
+    "transpose", "t", "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "split",
+    "split_with_sizes", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "unfold", "as_strided",
+    "detach", "contiguous", "to", "type", "type_as", "float", "half", "bfloat16", "double",
+    "cpu", "cuda", "real", "imag", "view_as_real", "view_as_complex", "alias", "__getitem__",
+    "requires_grad_", "data"))
+_VIEW_FUNCTIONS = frozenset(getattr(torch, n) for n in (
+    "narrow", "select", "transpose", "t", "permute", "squeeze", "unsqueeze", "flatten",
+    "unflatten", "split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit",
+    "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "as_strided", "detach",
+    "reshape", "view_as_real", "view_as_complex", "alias_copy") if hasattr(torch, n)) | {
+    operator.getitem, getattr}
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def may_alias_input(node: fx.Node, modules: dict) -> bool:
+    """Whether a node's result may share storage with its first input: a view, a no-op cast,
+    an in-place op (it returns its input), a module that returns its input at inference, or
+    one of cnnfuse's buffer views (`_cnnfuse_view`)."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS or may_mutate(node, modules)
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, _VIEW_MODULES) or identity_at_inference(m) or may_mutate(
+            node, modules)
+    if node.op == "call_function":
+        return (node.target in _VIEW_FUNCTIONS or getattr(node.target, "_cnnfuse_view", False)
+                or may_mutate(node, modules))
+    return False
+
+
 _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                   "divisor_override")

@@ -102,3 +102,6 @@ def growing_buffer(first: torch.Tensor, channels: tuple) -> tuple:
 def ready(view: torch.Tensor, written: tuple) -> torch.Tensor:
     """`view` once the writes in `written` are done (the tuple only orders the graph)."""
     return view
+
+
+ready._cnnfuse_view = True  # for patterns.may_alias_input: it is the buffer's prefix view

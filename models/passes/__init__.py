@@ -9,6 +9,7 @@ from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthro
                pool_conv2d, residual, separable, siblings, squeeze_excite)
 from . import (bn_act, branch_sum, cat_bn, functional_conv, leftover_act, same_padding,
                unreached)
+from . import layout  # last: puts outputs back into eager's layout
 
 PIPELINE = (
     unreached,
@@ -29,6 +30,7 @@ PIPELINE = (
     same_padding,
     leftover_bn,
     leftover_act,
+    layout,
 )
 
 

@@ -6,26 +6,38 @@ import operator
 from ..graph import FusionGraph
 from ..modules import FusedConv2d
 from ..modules.concat import copy_into, growing_buffer, ready
-from ..patterns import cat_parts, may_mutate
+from ..patterns import cat_parts
 
 
-def run(g: FusionGraph) -> None:
+def _families(g: FusionGraph) -> dict:
     families = {}
     for node in g.graph.nodes:
         parts = cat_parts(node, min_parts=1)
         if parts:
             families.setdefault(parts[0], []).append((node, parts))
-    for first, cats in families.items():
+    return families
+
+
+def run(g: FusionGraph) -> None:
+    tried = set()
+    while True:  # found afresh after each rewrite: a block's output starts the next block
+        todo = [(first, cats) for first, cats in _families(g).items() if first not in tried]
+        if not todo:
+            return
+        first, cats = todo[0]
+        tried.add(first)
         cats.sort(key=lambda c: len(c[1]))
         longest = cats[-1][1]
         members = {c for c, _ in cats}
-        # Every concatenation becomes a view of one buffer, and `first` is copied in once:
-        # nothing may write into either afterwards.
-        readers = [u for c in members for u in c.users] + list(first.users)
         if (len(cats) < 3 or len(set(longest)) != len(longest)
                 or any(parts != longest[:len(parts)] for _, parts in cats)
-                or not all(_writes_slice(g, p, members) for p in longest[1:])
-                or any(may_mutate(u, g.modules) for u in readers)):
+                or not all(_writes_slice(g, p, members) for p in longest[1:])):
+            continue
+        # Every concatenation becomes a prefix view of one buffer, and `first` is copied in
+        # once: nothing may write into any of them, or into a view of them or of what they
+        # are views of (`c[:, :k].mul_(0)` would change every other prefix); and at most one
+        # may reach the caller, who may write into it.
+        if g.written(members | {first}) or sum(g.escapes(c) for c in members) > 1:
             continue
         _rewrite(g, first, cats, longest)
 

@@ -26,6 +26,9 @@ def _fuse(g: FusionGraph, add) -> None:
             break
     else:
         return
+    # The conv now runs at the add: nothing in between may write its input (or anything).
+    if g.mutation_between(conv_node, add):
+        return
     with g.graph.inserting_before(add):
         new = g.graph.call_module(conv_node.target, (conv_node.args[0], other))
     fused.has_residual = True

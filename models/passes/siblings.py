@@ -73,6 +73,7 @@ def run(g: FusionGraph) -> None:
         for node, conv in zip(nodes, convs):
             with g.graph.inserting_before(node):
                 part = g.graph.call_method("narrow", (whole, 1, start, conv.out_channels))
+            part.meta["cnnfuse_fresh"] = True  # eager had a tensor of its own (layout pass)
             node.replace_all_uses_with(part)
             g.graph.erase_node(node)
             g.reshape_not_view(part)

@@ -1,0 +1,85 @@
+"""The original's memory layout at the edges: the fused ops compute in channels_last whatever
+the input's layout, where eager convolutions, concatenations and products return a tensor in
+their input's layout (contiguous NCHW for an NCHW input) unless the model's own weights are
+channels_last. A `.view` that works on eager's tensor may fail on the fused one, and a
+backbone's feature maps would come back in another layout. So every tensor a fused op makes
+that the graph returns or that a `.view` reads is put back into eager's layout there, once,
+and all its readers read that (a copy only when the layouts differ; aliasing among the
+readers stays as eager's). Runs last."""
+import operator
+
+import torch
+from torch import fx
+
+from ..graph import FusionGraph
+from ..patterns import may_alias_input
+
+
+def eager_layout(t, like, model_channels_last: bool):
+    """`t` in the layout eager PyTorch gives a conv output for input `like`: channels_last
+    when the model's weights or `like` are channels_last, else contiguous. Anything that is
+    not a 4-d tensor, or an input of neither layout, is returned as it is."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(like, torch.Tensor)
+            and like.dim() == 4):
+        return t
+    if model_channels_last or (not like.is_contiguous()
+                               and like.is_contiguous(memory_format=torch.channels_last)):
+        fmt = torch.channels_last
+    elif like.is_contiguous():
+        fmt = torch.contiguous_format
+    else:
+        return t
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _made_by_cnnfuse(node: fx.Node, g: FusionGraph) -> bool:
+    if node.meta.get("cnnfuse_fresh"):
+        return True
+    if node.op == "call_module":
+        return type(g.modules.get(node.target)).__module__.startswith("cnnfuse.")
+    # (a dense block's prefix views too: eager's concatenations were tensors of their own)
+    return node.op == "call_function" and getattr(node.target, "__module__", "").startswith(
+        "cnnfuse.")
+
+
+def _views_of(node: fx.Node, g: FusionGraph) -> list:
+    """`node` and its views, and theirs, transitively (not what it is a view of)."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo += [u for u in n.users if u.args and u.args[0] is n and u not in out
+                 and may_alias_input(u, g.modules)]
+    return out
+
+
+def run(g: FusionGraph) -> None:
+    placeholders = [n for n in g.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    like = placeholders[0]
+    fused = {}  # node -> whether it has a fused op's layout where eager's may differ
+    for node in g.graph.nodes:
+        if _made_by_cnnfuse(node, g):
+            fused[node] = "out" not in node.kwargs  # a slice writer: its concat is restored
+        elif node.op == "call_function" and node.target is operator.getitem and isinstance(
+                node.args[0], fx.Node) and _made_by_cnnfuse(node.args[0], g):
+            fused[node] = True  # (y, pooled)[0]
+        elif node.op in ("placeholder", "get_attr", "output") or may_alias_input(
+                node, g.modules):
+            fused[node] = False  # a view: restoring its base restores it
+        else:  # elementwise ops, pools, BatchNorm: their inputs' layout
+            fused[node] = any(fused.get(a, False) for a in node.all_input_nodes)
+    sites = []
+    for node in g.graph.nodes:
+        if fused.get(node) and any(
+                u.op == "output" or (u.op == "call_method" and u.target == "view"
+                                     and u.args[0] is v)
+                for v in _views_of(node, g) for u in v.users):
+            sites.append(node)
+    for node in sites:
+        with g.graph.inserting_after(node):
+            restored = g.graph.call_function(eager_layout, (node, like, g.model_channels_last))
+        node.replace_all_uses_with(restored, delete_user_cb=lambda u: u is not restored)
+    if sites:
+        g.report.add("outputs in the original's layout", len(sites))
