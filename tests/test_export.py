@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import cnnfuse
+from cnnfuse.bench import zoo
 
 from .util import randomize_batchnorm
 
@@ -43,27 +44,40 @@ def _x(batch: int) -> torch.Tensor:
 
 RUN = """
 import sys, torch, cnnfuse
-program = torch.export.load(sys.argv[1])
-model = program.module()
-with torch.no_grad():
-    for i, path in enumerate(sys.argv[2:]):
-        torch.save(model(torch.load(path, weights_only=True)), f"{path}.got")
+directory, names = sys.argv[1], sys.argv[2:]
+for name in names:
+    model = torch.export.load(f"{directory}/{name}.pt2").module()
+    inputs = torch.load(f"{directory}/{name}.x.pt", weights_only=True)
+    with torch.no_grad():
+        torch.save([model(x) for x in inputs], f"{directory}/{name}.got.pt")
 """
+# Tiny, and the zoo model whose graph writes most outputs into slices of concat buffers;
+# CNNFUSE_TEST_ALL_ZOO=1: every zoo model (minutes).
+ZOO_MODELS = zoo.ZOO if os.environ.get("CNNFUSE_TEST_ALL_ZOO") == "1" else ("googlenet",)
 
 
 def test_export_then_load_in_a_fresh_process_is_identical_at_any_batch(tmp_path):
-    fused = _fused()
-    program = cnnfuse.export(fused, _x(1), tmp_path / "m.pt2")  # traced at 2: stays dynamic
-    assert len(program.range_constraints) == 1
-    inputs = {b: _x(b) for b in (1, 2, 5)}
-    for b, x in inputs.items():
-        torch.save(x, tmp_path / f"x{b}.pt")
-    subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "m.pt2"),
-                    *(str(tmp_path / f"x{b}.pt") for b in inputs)], check=True, timeout=300)
-    with torch.no_grad():
-        for b, x in inputs.items():
-            got = torch.load(tmp_path / f"x{b}.pt.got", weights_only=True)
-            assert torch.equal(got, fused(x)), f"batch {b}"
+    want = {}
+    for name in ("tiny",) + ZOO_MODELS:
+        file = name.replace("/", "_")
+        if name == "tiny":
+            fused, size = _fused(), (10, 13)
+        else:
+            fused = cnnfuse.fuse(zoo.build(name))
+            size = (299, 299) if zoo.input_size(name) == 299 else (96, 96)
+        inputs = [torch.randn(b, 3, *size).contiguous(memory_format=torch.channels_last)
+                  for b in (1, 2, 5)]
+        # traced at batch 2 from an example of 1, so the batch stays symbolic
+        program = cnnfuse.export(fused, inputs[0], tmp_path / f"{file}.pt2")
+        assert len(program.range_constraints) == 1, name
+        torch.save(inputs, tmp_path / f"{file}.x.pt")
+        with torch.no_grad():
+            want[file] = [fused(x) for x in inputs]
+    subprocess.run([sys.executable, "-c", RUN, str(tmp_path), *want], check=True, timeout=600)
+    for file, outputs in want.items():
+        got = torch.load(tmp_path / f"{file}.got.pt", weights_only=True)
+        for x, y, b in zip(got, outputs, (1, 2, 5)):
+            assert torch.equal(x, y), f"{file}, batch {b}"
 
 
 def test_a_model_that_fixes_its_batch_is_exported_static_with_a_log_line(tmp_path, caplog):
@@ -102,8 +116,10 @@ COMPILED_TOLERANCE = 1e-5
 
 
 @pytest.mark.slow
-def test_compile_and_aot_inductor_package(tmp_path):
-    """~1 min on 2 cores: Inductor writes and compiles C++ for the CPU."""
+def test_compile_and_aot_inductor_package(tmp_path, monkeypatch):
+    """~1 min on 2 cores: Inductor writes and compiles C++ for the CPU. The package calls the
+    cnnfuse ops by name, so the backend is chosen when it runs: the reference, and the CPU
+    build of the C++ kernels (CNNFUSE_BACKEND=cuda)."""
     fused = _fused()
     program = cnnfuse.export(fused, _x(2), tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()
@@ -111,12 +127,15 @@ def test_compile_and_aot_inductor_package(tmp_path):
         program, package_path=str(tmp_path / "m_aoti.pt2"))
     runner = torch._inductor.aoti_load_package(package)
     compiled = torch.compile(loaded)
-    with torch.no_grad():
-        for b in (2, 3):
-            x = _x(b)
-            want = fused(x)
-            scale = want.abs().max().item()
-            for name, fn in (("aoti", runner), ("torch.compile", compiled)):
-                err = (fn(x) - want).abs().max().item() / scale
-                assert err <= COMPILED_TOLERANCE, f"{name}, batch {b}: off by {err:.2e}"
+    for backend in ("reference", "cuda"):
+        monkeypatch.setenv("CNNFUSE_BACKEND", backend)
+        with torch.no_grad():
+            for b in (2, 3):
+                x = _x(b)
+                want = fused(x)
+                scale = want.abs().max().item()
+                for name, fn in (("aoti", runner), ("torch.compile", compiled)):
+                    err = (fn(x) - want).abs().max().item() / scale
+                    assert err <= COMPILED_TOLERANCE, \
+                        f"{name}, {backend}, batch {b}: off by {err:.2e}"
     assert os.path.getsize(package) > 0
