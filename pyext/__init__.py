@@ -7,7 +7,8 @@ __version__ = "0.4.0"
 
 from . import ops  # noqa: E402  (registers the torch.library ops)
 from .models import FusedConv2d, FusionReport, explain, fuse  # noqa: E402
-from .serialize import export, load, save  # noqa: E402
+from .export import export  # noqa: E402
+from .serialize import load, save  # noqa: E402
 from .tune import TuneReport, tune, use_picks  # noqa: E402
 
 __all__ = ["FusedConv2d", "FusionReport", "TuneReport", "explain", "export", "fuse", "load",

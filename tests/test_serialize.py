@@ -245,3 +245,19 @@ def test_save_load_on_the_gpu_is_bit_identical(tmp_path):
         assert torch.equal(loaded(x), want)
         on_cpu = cnnfuse.load(tmp_path / "m.cnnfuse", map_location="cpu")
         assert not any(p.is_cuda for p in on_cpu.parameters())
+
+
+def test_a_sequential_model_keeps_its_layout_restore(tmp_path):
+    """fuse returns a Sequential with a forward hook that gives NCHW callers NCHW outputs;
+    the hook (one of cnnfuse's functions) is saved and restored."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1))
+    fused = cnnfuse.fuse(randomize_batchnorm(model).eval())
+    cnnfuse.save(fused, tmp_path / "m.cnnfuse")
+    loaded = cnnfuse.load(tmp_path / "m.cnnfuse")
+    assert isinstance(loaded, nn.Sequential) and len(loaded._forward_hooks) == len(
+        fused._forward_hooks)
+    for x in (torch.randn(2, 3, 7, 9), _small_input("resnet50")[:, :, :9, :7]):
+        with torch.no_grad():
+            want, got = fused(x), loaded(x)
+        assert torch.equal(got, want) and got.stride() == want.stride()
