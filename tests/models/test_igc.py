@@ -92,6 +92,22 @@ def test_fuse():
     assert result.folded >= 12, str(report)
 
 
+def test_fuse_doubling_l_on_cpu_kernels(backend):
+    """A network that doubles L, as IGC-L100M2 does (here L=8, M=2 to keep the test small):
+    each stage's first primary conv has one input channel per group and two outputs (a
+    depthwise conv with channel multiplier 2), which the depthwise C++ kernel's CPU build
+    runs, as it does each bn2's affine + activation pass."""
+    backend("cuda")
+    with tracing() as calls:
+        result = check_seed(IGCNet(8, 2, double="L", num_classes=10), sizes=(32, 35))
+    assert result.folded >= 12, str(result.report)
+    for i in (2, 4, 6):  # the first block of stages 2-4
+        conv = result.fused.get_submodule(f"blocks.{i}.igc1.primary")
+        assert conv.groups == conv.in_channels and conv.out_channels == 2 * conv.in_channels
+    ran = {b for op, b in calls if op == "conv2d"}
+    assert any("depthwise" in b for b in ran), ran
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="the channel interleave between a grouped conv and its BatchNorm "
                    "stops the fold (see test_fuse)")
