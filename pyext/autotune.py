@@ -18,7 +18,7 @@ from .backend import log, warn_once
 
 _progress = None  # a tqdm bar while `progress()` is active
 
-# Picks from a file that travels with a model (cnnfuse.tune(save=), fuse(picks=),
+# Picks from a file that travels with a model (cnnfuse.tune(save=), cnnfuse.use_picks,
 # CNNFUSE_PICKS), consulted before the cache; cnnfuse.tune reads and checks the file.
 preset: Optional[dict] = None      # op -> {key: candidate}; None until first needed
 recording: Optional[dict] = None   # op -> {key: candidate} while cnnfuse.tune runs a model
