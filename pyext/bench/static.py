@@ -183,12 +183,14 @@ def specialisation_key(problem, config, dtype) -> str:
     with one key compile to one kernel. Falls back to the problem itself if the launch
     arguments cannot be built here."""
     from cnnfuse.kernels import conv2d
+    arguments = getattr(conv2d, "arguments", None) or getattr(conv2d, "_arguments", None)
+    stand_ins = getattr(conv2d, "stand_ins", None) or getattr(conv2d, "_stand_ins", None)
     try:
-        args, constexprs, _, _ = conv2d._arguments(
-            problem, config, dtype, conv2d._stand_ins(problem, dtype, config.split_k))
+        args, constexprs, _, _ = arguments(problem, config, dtype,
+                                           stand_ins(problem, dtype, config.split_k))
         _, spec, options = _binder()(*args, **constexprs)
         return repr((spec, sorted(options.items()), str(dtype)))
-    except (AttributeError, TypeError):  # private helpers renamed: one compile per shape
+    except (AttributeError, TypeError):  # the argument builder renamed: one compile per shape
         return repr((problem, config, str(dtype)))
 
 

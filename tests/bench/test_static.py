@@ -35,6 +35,7 @@ SASS = """
         /*0040*/                   LDL R5, [R1+0x4] ;
         /*0050*/                   HMMA.16816.F32 R8, R12, R16, R8 ;
         /*0060*/                   STG.E desc[UR4][R6.64], R5 ;
+        /*0070*/                   LDG.E.LTC128B R7, desc[UR4][R4.64+0x10] ;
 """
 
 
@@ -44,7 +45,7 @@ def test_res_usage_and_sass_are_read_per_function():
     assert res["_Z3fooPf"].spill_bytes == 32 and res["_conv2d_kernel"].spill_bytes == 0
     code = {name: sass.summarise_sass(text) for name, text in sass.split_sass(SASS).items()}
     assert set(code) == {"_conv2d_kernel", "_Z3fooPf"}
-    # LTC128B is a cache hint, not a width: the async copy is 16 bytes
+    # LTC128B is a cache hint, not a width: the async copy is 16 bytes, the LDG 4
     assert code["_conv2d_kernel"] == sass.SassSummary("HGMMA", 16, 16, False, 0)
     assert code["_Z3fooPf"] == sass.SassSummary("HMMA", 8, 4, False, 2)
     assert sass.summarise_sass("UTMALDG.2D [UR8], [UR4] ;").tma
@@ -55,6 +56,7 @@ def test_warps_per_sm():
     assert sass.warps_per_sm(129, 8, 0) == 8    # one more register: one block
     assert sass.warps_per_sm(164, 4, 98304) == 8  # shared memory allows two blocks
     assert sass.warps_per_sm(32, 4, 0) == 64
+    assert sass.warps_per_sm(81, 4, 0) == 20  # registers are allocated 8 per thread at a time
 
 
 PTX = textwrap.dedent("""
