@@ -1,8 +1,8 @@
 """The fused modules' fast eager path: decide once per input signature, then only run.
 
-`cnnfuse.ops.*` checks every argument and enters torch.library on each call: the one schema
-that FX, torch.compile, torch.export and CUDA graphs see, but tens of µs of host time per op.
-A fused module instead keeps a plan per call signature (shapes, strides, dtypes, devices and
+`cnnfuse.ops.*` checks every argument on each call, then (traced, compiled or captured)
+enters torch.library, the one schema that FX, torch.compile, torch.export and CUDA graphs see,
+or (plain eager) calls the op's implementation directly. A fused module instead keeps a plan per call signature (shapes, strides, dtypes, devices and
 16-byte alignment of every tensor argument, the module's own settings, CNNFUSE_BACKEND and
 TRITON_INTERPRET): the arguments checked, the padding normalised and the backend chosen on the
 first call; later calls with the same signature only run it. A call that is not plain eager

@@ -102,6 +102,27 @@ def test_fast_path_gives_the_op_bits():
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
+def test_functional_ops_skip_the_wrapper_and_keep_the_ops_result(backend_name, backend):
+    """cnnfuse.ops called eagerly run the op's implementation directly: same result as
+    through torch.library, also into a channel slice and with the pooled mean."""
+    from cnnfuse import ops
+    backend(backend_name)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    w, b = torch.randn(5, 6, 3, 3), torch.randn(5)
+    results = []
+    for mode in (torch.no_grad(), FlopCounterMode(display=False)):
+        with torch.no_grad(), mode:
+            buf = torch.full((2, 9, 5, 7), float("nan")).contiguous(memory_format=CL)
+            into = ops.conv2d(x, w, b, 1, 1, activation="relu", out=buf, out_channel_offset=3)
+            y, pooled = ops.conv2d(x, w, b, 1, 1, activation="relu", return_pooled=True)
+            pc = ops.pool_conv2d(x, w[:, :, :1, :1].contiguous(), b, mode="max")
+        assert into is buf and buf[:, :3].isnan().all() and buf[:, 8:].isnan().all()
+        results.append((buf[:, 3:8], y, pooled, pc))
+    for fast, through_op in zip(*results):
+        assert torch.equal(fast, through_op)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_residual_and_out_change_between_calls(backend_name, backend):
     backend(backend_name)
     m = _conv(residual=True, activation="relu6")
