@@ -9,6 +9,12 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
                   "CPU-only machine (it must be set before Python starts)")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="programs per differential-fuzzer test (tests/models/test_fuzz.py), "
+                          "drawn afresh; default: the fixed CI set")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
