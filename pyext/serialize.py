@@ -595,6 +595,14 @@ def _read_members(path: Path) -> dict:
     return members
 
 
+def _saved_device(spec) -> torch.device:
+    device = torch.device(str(spec.get("device") if isinstance(spec, dict) else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _Error(f"it was saved on {device} and this process has no CUDA device; pass "
+                     "map_location='cpu'")
+    return device
+
+
 def load(path: PathLike, map_location: Union[str, torch.device, None] = None) -> nn.Module:
     """The model cnnfuse.save wrote to `path`, in eval mode (as saved), computing what the
     saved model computed, bit for bit on the same device. map_location: the device for every
@@ -620,8 +628,7 @@ def load(path: PathLike, map_location: Union[str, torch.device, None] = None) ->
         index = model.get("tensors") if isinstance(model, dict) else None
         if not isinstance(index, list):
             raise _Error("model.json has no tensor index")
-        tensors = [_read_tensor(spec, blob, device or torch.device(str(spec.get("device"))))
-                   if isinstance(spec, dict) else _read_tensor({}, blob, None) for spec in index]
+        tensors = [_read_tensor(spec, blob, device or _saved_device(spec)) for spec in index]
         fused = _build(model.get("root"), "", tensors, {})
         for gm in fused.modules():
             if isinstance(gm, fx.GraphModule):

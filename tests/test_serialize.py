@@ -190,6 +190,21 @@ def test_an_edited_file_with_fixed_digests_runs_nothing_it_names(saved, tmp_path
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_a_model_saved_on_a_gpu_loads_on_the_cpu_with_map_location(saved):
+    members = _members(saved)
+    model = json.loads(members["model.json"])
+    for spec in model["tensors"]:
+        spec["device"] = "cuda:0"  # as a GPU-saved file says
+    _repack(saved, {**members, "model.json": json.dumps(model).encode()}, fix_digests=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="map_location='cpu'"):
+            cnnfuse.load(saved)
+    loaded = cnnfuse.load(saved, map_location="cpu")
+    assert not any(p.is_cuda for p in loaded.parameters())
+    with pytest.raises(ValueError, match="map_location"):
+        cnnfuse.load(saved, map_location="a GPU")
+
+
 def test_other_files_are_rejected(tmp_path):
     torch.save({"w": torch.zeros(3)}, tmp_path / "state.pt")  # a zip too, not ours
     with pytest.raises(ValueError, match="member is missing"):
