@@ -7,9 +7,10 @@ boundaries, never drained per (r, s)). The tap counters r, s and the channel off
 advanced with compares and selects: no div/mod per step. Every tensor is addressed through its
 strides, so the output may be a channel slice of a wider buffer (concat-free outputs) and the
 weight is read in its stored layout (channels_last keeps c contiguous). Strides and channel
-counts that are multiples of a 16-byte vector are passed divided by it (XVEC, YVEC) and
-multiplied back in the kernel, so Triton knows the alignment and loads 16 bytes at a time even
-where they are not multiples of 16 elements (24, 40, 72 channels).
+counts are passed divided by the widest vector of up to 16 bytes that divides them all (XVEC,
+YVEC) and multiplied back in the kernel, so Triton knows the alignment and loads 16 bytes at a
+time even where they are not multiples of 16 elements (24, 40, 72 channels), and 8 bytes for
+ResNeXt's 4-channel groups.
 
 Grouped convolution (GROUPED): a tile of output channels reads only the input channels of the
 groups it spans, and the weight tile is masked to its block diagonal. Narrow groups (ResNeXt's
@@ -119,6 +120,7 @@ def _conv2d_kernel(
 ):
     # Multiples of a 16-byte vector arrive divided by it (see the module docstring).
     C = C * XVEC
+    CG = CG * XVEC
     sxn = sxn * XVEC
     sxh = sxh * XVEC
     sxw = sxw * XVEC
@@ -165,8 +167,8 @@ def _conv2d_kernel(
         n1 = tl.minimum(pid_n * BLOCK_N + BLOCK_N, K) - 1
         c_lo = (pid_n * BLOCK_N // KG) * CG
         c_hi = (n1 // KG + 1) * CG
-        w_cols = w_ptr + cols * swk - ((offs_n // KG) * CG) * swc
-        group_n = offs_n // KG
+        group_lo = (offs_n // KG) * CG  # the first input channel of each column's group
+        w_cols = w_ptr + cols * swk - group_lo * swc
     else:
         c_lo = 0
         c_hi = C
@@ -287,7 +289,9 @@ def _conv2d_kernel(
                     a = a.to(x_ptr.dtype.element_ty)
             w_ok = c_ok[:, None] & mask_n[None, :]
             if GROUPED:  # block diagonal: channel c feeds output n only within one group
-                w_ok = w_ok & ((cs // CG)[:, None] == group_n[None, :])
+                # (as a range test, so the mask is constant over vectors of XVEC channels)
+                w_ok = (w_ok & (cs[:, None] >= group_lo[None, :])
+                        & (cs[:, None] < group_lo[None, :] + CG))
             b = tl.load(w_cols[None, :] + tap_w + cs[:, None] * swc, mask=w_ok, other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)

@@ -38,9 +38,12 @@ def _span(shape, strides) -> int:
 
 
 def _vec(element_size: int, contiguous, *values) -> int:
-    """16 bytes in elements if the channel stride is 1 and all values are multiples of it."""
+    """The widest vector of at most 16 bytes, in elements, that divides all values, if the
+    channel stride is 1 (else 1)."""
     v = 16 // element_size
-    return v if contiguous and all(x % v == 0 for x in values) else 1
+    while v > 1 and not (contiguous and all(x % v == 0 for x in values)):
+        v //= 2
+    return v
 
 
 @functools.lru_cache(maxsize=4096)
@@ -58,8 +61,8 @@ def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: boo
     rs = (_dense_cl(p.n, p.k, oh, ow) if p.residual_strides is None
           else tuple(p.residual_strides)) if p.residual else ys
     esize = _SIZES[dtype]
-    xvec = 1 if p.groups > 1 or stem else _vec(
-        esize, xs[1] == 1 and ws[1] == 1, c, xs[0], xs[2], xs[3], ws[0], ws[2], ws[3])
+    xvec = 1 if stem else _vec(
+        esize, xs[1] == 1 and ws[1] == 1, c, cg, xs[0], xs[2], xs[3], ws[0], ws[2], ws[3])
     yvec = _vec(esize, ys[1] == 1 and rs[1] == 1, p.k, ys[0], ys[2], ys[3], rs[0], rs[2],
                 rs[3])
     xv = (xs[0] // xvec, xs[1], xs[2] // xvec, xs[3] // xvec)
@@ -84,7 +87,7 @@ def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: boo
                *xv, *wv, *rv, *yv,
                *((p.c, 1) if p.input_scale is not None else (0, 0)),
                *((p.c, 1) if p.input_affine is not None else (0, 0)),
-               *window[:3], *conv, *window[3:], cg, p.k // p.groups, 1.0 / (oh * ow))
+               *window[:3], *conv, *window[3:], cg // xvec, p.k // p.groups, 1.0 / (oh * ow))
     precision = "tf32" if dtype == torch.float32 and p.allow_tf32 and not dot_fp32 else "ieee"
     constexprs = dict(
         R=1 if win else p.r, S=1 if win else p.s, GROUPED=p.groups > 1,
