@@ -7,11 +7,12 @@ type and plain settings), `tensors.bin` (the raw bytes of every parameter, buffe
 constant, in its own memory layout, indexed in model.json) and `picks.json` (the autotuner's
 picks, a picks file keyed by GPU and versions; see cnnfuse.tune).
 
-Loading runs no code from the file. There is no pickle: JSON and raw bytes only. Module types
-come from an allowlist (torch.nn's own modules and cnnfuse's fused ones, rebuilt from their
-settings, never by calling something the file names); graph calls resolve only to torch, its
-functional API, `operator`, `math` and cnnfuse's own functions; node names and attribute
-paths must be identifiers, so the code FX generates from the graph is made of them only.
+Loading runs no code from the file. There is no pickle: JSON and raw bytes only. What a file
+may name is in allowlist.py: module types (torch.nn's own modules and cnnfuse's fused ones,
+rebuilt from their settings, never by calling something the file names); graph calls into
+torch, its functional API, `operator`'s arithmetic, `math` and cnnfuse's graph functions;
+node names and attribute paths that are identifiers, so the code FX generates from the
+graph is made of them only.
 `torch.export.load` is not used for this: it falls back to `torch.load(weights_only=False)` and
 `pickle.loads` for some members, which runs whatever the file says.
 
@@ -19,15 +20,11 @@ The digests catch a truncated, damaged or hand-edited file (a clear ValueError, 
 or a silently different model); they do not authenticate it, as whoever edits the file can
 recompute them: keep the file's own digest elsewhere to check where it came from.
 """
-import builtins
 import functools
 import hashlib
 import importlib
-import io
 import json
-import keyword
 import math
-import operator
 import os
 import types
 import zipfile
@@ -35,9 +32,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from .allowlist import (FormatError as _Error, allowed_type, decode_function, encode_function,
+                        identifier, module_path, tensor_method, type_name)
 from .backend import log
 
 FORMAT, VERSION = "cnnfuse-model", 1
@@ -49,28 +47,8 @@ _DTYPES = {str(d)[6:]: d for d in (torch.float64, torch.float32, torch.float16, 
                                    torch.uint8, torch.bool)}
 _MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format,
                    "channels_last": torch.channels_last, "preserve_format": torch.preserve_format}
-_FUNCTION_NAMESPACES = {"operator": operator, "math": math, "torch": torch,
-                        "torch.nn.functional": F, "builtins": builtins}
-_OP_NAMESPACES = ("aten", "cnnfuse")
-# operator's arithmetic, comparisons and indexing only: attrgetter, methodcaller and call
-# would reach any attribute or callable, private ones included.
-_OPERATORS = frozenset((
-    "abs add and_ concat contains eq floordiv ge getitem gt iadd iand iconcat ifloordiv "
-    "ilshift imatmul imod imul index inv invert ior ipow irshift is_ is_not isub itruediv "
-    "ixor le lshift lt matmul mod mul ne neg not_ or_ pos pow rshift setitem sub truediv "
-    "truth xor").split())
-# cnnfuse's own functions that a fused graph calls (concat buffers, the SE scale, layout
-# restores, the ops) live here; the rest of cnnfuse (save, load, the bench) is never a target.
-_CNNFUSE_NAMESPACES = ("cnnfuse.models.modules.", "cnnfuse.models.passes.", "cnnfuse.ops")
-_TENSOR_DUNDERS = {f"__{n}__" for n in (
-    "getitem add sub mul truediv floordiv mod pow matmul and or xor neg pos invert abs "
-    "radd rsub rmul rtruediv rfloordiv lt le gt ge eq ne iadd isub imul itruediv").split()}
 # nn.Module's own bookkeeping (hooks, registries): never saved, never set from a file.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
-
-
-class _Error(ValueError):
-    pass
 
 
 # ------------------------------------------------------------------------------- values
@@ -203,143 +181,11 @@ def _read_tensor(spec, blob: bytes, device) -> torch.Tensor:
     return out
 
 
-# ------------------------------------------------------------------------ module types
-
-def _type_name(m: nn.Module, path: str) -> str:
-    cls = type(m)
-    if isinstance(m, fx.GraphModule):
-        return "graph"
-    # A container subclass that only builds its children (torchvision's Conv2dNormActivation)
-    # runs as its base: the children are all it holds.
-    for base in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
-        if isinstance(m, base) and getattr(cls, "forward", None) is getattr(base, "forward", None):
-            cls = base
-    name = f"{cls.__module__}.{cls.__qualname__}"
-    if _allowed_type(cls.__module__, cls.__qualname__) is not cls:
-        raise _Error(f"module {path} is a {name}, code of its own that a file "
-                     "cannot carry safely; cnnfuse.export(model, example_inputs, path) writes "
-                     "a torch.export program instead")
-    return name
-
-
-def _allowed_type(module_name: str, qualname: str):
-    """The class, if it is one of torch.nn's own modules or a cnnfuse fused module."""
-    if not (module_name.startswith(("torch.nn.modules.", "cnnfuse.models.modules."))
-            and qualname.isidentifier() and not qualname.startswith("_")):
-        return None
-    try:
-        cls = getattr(importlib.import_module(module_name), qualname)
-    except (ImportError, AttributeError):
-        return None
-    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
-
-
-# ---------------------------------------------------------------------- graph targets
-
-def _encode_function(fn, where: str):
-    if isinstance(fn, torch._ops.OpOverload):
-        ns, name = fn._schema.name.split("::")
-        if ns in _OP_NAMESPACES:
-            return {"op": f"{ns}::{name}", "overload": fn._overloadname}
-    if isinstance(fn, torch._ops.OpOverloadPacket):
-        ns, name = fn._qualified_op_name.split("::")
-        if ns in _OP_NAMESPACES:
-            return {"op": f"{ns}::{name}", "overload": None}
-    module = getattr(fn, "__module__", None) or ""
-    namespaces = dict(_FUNCTION_NAMESPACES)
-    if module.startswith("cnnfuse."):
-        namespaces = {module: importlib.import_module(module)}
-    for ns_name, ns in namespaces.items():
-        for name, obj in vars(ns).items():
-            if obj is fn and _resolve_function(ns_name, name) is fn:
-                return {"function": f"{ns_name}:{name}"}
-    raise _Error(f"{where}: calls {getattr(fn, '__qualname__', fn)!r} from {module or '?'}, "
-                 "which is not torch, operator, math or cnnfuse; cnnfuse.export writes a "
-                 "torch.export program instead")
-
-
-def _resolve_function(ns_name: str, name: str):
-    """The function a saved name may stand for, or None: torch's builtins and torch.functional,
-    torch.nn.functional, operator, math, builtins.getattr and cnnfuse's public functions."""
-    if not name.isidentifier() or name.startswith("_"):
-        return None
-    if ns_name.startswith("cnnfuse."):
-        if not _graph_namespace(ns_name):
-            return None
-        try:
-            ns = importlib.import_module(ns_name)
-        except ImportError:
-            return None
-        fn = getattr(ns, name, None)
-        return fn if isinstance(fn, types.FunctionType) and fn.__module__ == ns_name else None
-    ns = _FUNCTION_NAMESPACES.get(ns_name)
-    fn = getattr(ns, name, None) if ns is not None else None
-    if fn is None or isinstance(fn, type) or not callable(fn):
-        return None
-    if ns is builtins:
-        return fn if fn is getattr else None
-    if ns is operator:
-        return fn if name in _OPERATORS else None
-    home = getattr(fn, "__module__", None)
-    if ns is torch and not (isinstance(fn, types.BuiltinFunctionType)
-                            or home == "torch.functional"):
-        return None  # torch.load, torch.save, torch.compile, ... are not graph calls
-    if ns is F and not (isinstance(fn, types.BuiltinFunctionType)
-                        or home in ("torch.nn.functional", "torch._C._nn")):
-        return None  # handle_torch_function, boolean_dispatch: they call what they are given
-    return fn if name != "from_file" else None
-
-
-def _graph_namespace(ns_name: str) -> bool:
-    return (all(p.isidentifier() for p in ns_name.split("."))
-            and (ns_name == "cnnfuse.ops" or ns_name.startswith(_CNNFUSE_NAMESPACES)))
-
-
-def _decode_function(spec, where: str):
-    fn = None
-    if isinstance(spec, dict) and isinstance(spec.get("function"), str) and \
-            spec["function"].count(":") == 1:
-        fn = _resolve_function(*spec["function"].split(":"))
-    elif isinstance(spec, dict) and isinstance(spec.get("op"), str):
-        ns, _, name = spec["op"].partition("::")
-        overload = spec.get("overload")
-        if ns in _OP_NAMESPACES and name.isidentifier() and (
-                overload is None or (isinstance(overload, str) and overload.isidentifier())):
-            try:
-                packet = getattr(getattr(torch.ops, ns), name)
-                fn = packet if overload is None else getattr(packet, overload)
-            except (AttributeError, RuntimeError):
-                fn = None
-    if fn is None:
-        raise _Error(f"{where}: the call {str(spec)[:80]} is not one a cnnfuse model may make")
-    return fn
-
-
-def _identifier(name, where: str) -> str:
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise _Error(f"{where}: {str(name)[:60]!r} is not an identifier")
-    return name
-
-
-def _module_path(path, where: str) -> str:
-    if not isinstance(path, str) or not all((p.isidentifier() and not p.startswith("__"))
-                                            or p.isdigit() for p in path.split(".")):
-        raise _Error(f"{where}: {str(path)[:60]!r} is not an attribute path")
-    return path
-
-
-def _method(name, where: str) -> str:
-    if isinstance(name, str) and (name in _TENSOR_DUNDERS or (
-            name.isidentifier() and not name.startswith("_") and hasattr(torch.Tensor, name))):
-        return name
-    raise _Error(f"{where}: {str(name)[:60]!r} is not a tensor method")
-
-
 # ------------------------------------------------------------------------ the module tree
 
 def _describe(m: nn.Module, path: str, tensors: _TensorWriter) -> dict:
     where = path.rstrip(".") or "<model>"
-    kind = _type_name(m, where)
+    kind = type_name(m, where)
     if m._forward_pre_hooks or getattr(m, "_state_dict_hooks", None) or any(
             m._forward_hooks_with_kwargs.values()) or m._forward_hooks_always_called:
         raise _Error(f"module {where} has hooks (code); remove them before saving")
@@ -408,7 +254,7 @@ def _describe_graph(gm: fx.GraphModule, where: str, tensors: _TensorWriter):
     for n in gm.graph.nodes:
         at = f"{where} node {n.name}"
         if n.op == "call_function":
-            target = _encode_function(n.target, at)
+            target = encode_function(n.target, at)
         else:
             target = n.target
         if n.op == "get_attr":
@@ -431,10 +277,10 @@ def _build(desc, path: str, tensors: list, shared: dict) -> nn.Module:
         raise _Error(f"module {where}: unreadable description")
     if desc["type"] == "graph":
         m = fx.GraphModule(nn.Module(), fx.Graph(),
-                           class_name=_identifier(desc.get("class_name"), where))
+                           class_name=identifier(desc.get("class_name"), where))
     else:
         module_name, _, qualname = desc["type"].rpartition(".")
-        cls = _allowed_type(module_name, qualname)
+        cls = allowed_type(module_name, qualname)
         if cls is None:
             raise _Error(f"module {where}: type {desc['type'][:80]!r} is not one a cnnfuse "
                          "model may hold")
@@ -443,9 +289,9 @@ def _build(desc, path: str, tensors: list, shared: dict) -> nn.Module:
         for name, value in (desc.get("attributes") or {}).items():
             if name in _MODULE_INTERNALS or name.startswith("__"):
                 raise _Error(f"module {where}: attribute {name[:60]!r} may not be set")
-            object.__setattr__(m, _identifier(name, where), _decode(value))
+            object.__setattr__(m, identifier(name, where), _decode(value))
     for name, spec in (desc.get("parameters") or {}).items():
-        _identifier(name, where)
+        identifier(name, where)
         if spec is None:
             m.register_parameter(name, None)
             continue
@@ -456,16 +302,16 @@ def _build(desc, path: str, tensors: list, shared: dict) -> nn.Module:
         m.register_parameter(name, shared[key])
     non_persistent = desc.get("non_persistent") or []
     for name, index in (desc.get("buffers") or {}).items():
-        m.register_buffer(_identifier(name, where),
+        m.register_buffer(identifier(name, where),
                           None if index is None else _tensor(tensors, index, where),
                           persistent=name not in non_persistent)
     for name, child in (desc.get("modules") or {}).items():
-        _module_path(name, where)
+        module_path(name, where)
         m._modules[name] = None if child is None else _build(child, f"{path}{name}.",
                                                               tensors, shared)
     if desc["type"] == "graph":
         for target, spec in (desc.get("constants") or {}).items():
-            owner, _, attr = _module_path(target, where).rpartition(".")
+            owner, _, attr = module_path(target, where).rpartition(".")
             value = (_tensor(tensors, spec.get("tensor"), where) if "tensor" in spec
                      else _decode(spec.get("value")))
             setattr(m.get_submodule(owner), attr, value)
@@ -489,16 +335,16 @@ def _build_graph(spec, where: str) -> fx.Graph:
     for item in spec:
         if not isinstance(item, dict):
             raise _Error(f"{where}: unreadable graph node")
-        name = _identifier(item.get("name"), f"{where} node")
+        name = identifier(item.get("name"), f"{where} node")
         at, op, target = f"{where} node {name}", item.get("op"), item.get("target")
         if op == "call_function":
-            target = _decode_function(target, at)
+            target = decode_function(target, at)
         elif op in ("placeholder",):
-            target = _identifier(target, at)
+            target = identifier(target, at)
         elif op in ("get_attr", "call_module"):
-            target = _module_path(target, at)
+            target = module_path(target, at)
         elif op == "call_method":
-            target = _method(target, at)
+            target = tensor_method(target, at)
         elif op != "output":
             raise _Error(f"{at}: unknown node kind {str(op)[:40]!r}")
         args, kwargs = _decode(item.get("args"), nodes), _decode(item.get("kwargs"), nodes)
