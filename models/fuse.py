@@ -63,7 +63,7 @@ class _Tracer(fx.Tracer):
 
 def fuse(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
          memory_format: Optional[torch.memory_format] = torch.channels_last,
-         inplace: bool = False) -> nn.Module:
+         inplace: bool = False, picks=None) -> nn.Module:
     """A fused copy of an eval-mode `model` (the model itself when inplace=True).
 
     The result computes the same function with folded BatchNorm and fused epilogues; it is
@@ -74,11 +74,18 @@ def fuse(model: nn.Module, *, dtype: Optional[torch.dtype] = None,
     lists them). torch.jit.script is not supported (TypeError): use torch.jit.trace or
     torch.export.
 
+    picks: a picks file from cnnfuse.tune(save=PATH), for the autotuner to consult first in
+    this process (cnnfuse.use_picks; ignored with a log line if made on another GPU or with
+    other versions).
+
     Raises TypeError for a non-Module `model` or an unsupported `dtype`, ValueError for a
-    model in training mode.
+    model in training mode or a `picks` path that is not a readable picks file.
     """
     if dtype is not None and dtype not in conv_bn_act.DTYPES:
         raise TypeError(f"dtype must be one of {conv_bn_act.DTYPES}, got {dtype}")
+    if picks is not None:
+        from ..tune import use_picks
+        use_picks(picks)
     fused, _ = _fuse(model, inplace)
     if dtype is not None:
         fused = fused.to(dtype)

@@ -105,6 +105,14 @@ def test_picks_from_a_file_come_before_the_search(tmp_path, on_gpu):
     assert on_gpu == ["k2", "k1"]
 
 
+def test_fuse_takes_a_picks_file(tmp_path, on_gpu):
+    path = _write(tmp_path / "p.json", {"conv2d": {"k1": "triton_b"}})
+    cnnfuse.fuse(nn.Sequential(nn.Conv2d(3, 4, 1)).eval(), picks=path)
+    assert _pick("conv2d", "k1") == "triton_b" and on_gpu == []
+    with pytest.raises(ValueError, match="cannot be read"):
+        cnnfuse.fuse(nn.Sequential(nn.Conv2d(3, 4, 1)).eval(), picks=tmp_path / "missing")
+
+
 @pytest.mark.parametrize("field,value", [
     ("device", "NVIDIA H100 80GB HBM3"), ("capability", "8.0"), ("cnnfuse", "0.0.1"),
     ("torch", "2.11.0+cu130"), ("triton", "3.8.0")])
