@@ -2,7 +2,7 @@
 picks in a file that travels with the model.
 
     report = cnnfuse.tune(fast, x, batch_sizes=(1, 64), save="resnet50.picks.json")
-    cnnfuse.use_picks("resnet50.picks.json")                 # in another process
+    fast = cnnfuse.fuse(model, picks="resnet50.picks.json")  # in another process
     # or: CNNFUSE_PICKS=resnet50.picks.json python serve.py
 
 A picks file names the GPU, its compute capability and the cnnfuse, torch and triton versions
@@ -101,7 +101,8 @@ def tune(fused: nn.Module, example_inputs, *, batch_sizes: Optional[Iterable[int
     example_inputs: a tensor or tuple of tensors as `fused` takes them (e.g. (N, 3, H, W),
     channels_last, the model's dtype and device). batch_sizes: the batch sizes to tune for
     (the inputs' rows repeated or cut along dim 0); default: the inputs' own. save: a path to
-    write the picks to (JSON), for `cnnfuse.use_picks(PATH)` or CNNFUSE_PICKS=PATH.
+    write the picks to (JSON), for `fuse(..., picks=PATH)`, `cnnfuse.use_picks(PATH)` or
+    CNNFUSE_PICKS=PATH.
 
     After it a CUDA graph capture runs tuned kernels. On the CPU it still runs the model
     (there is nothing to time there: the report says so) and a saved file holds no picks.
