@@ -18,9 +18,11 @@
 #                  so 16 cores finish in about that one unit's time on a faster core: ~60-90 s
 #   static  40 s   python -m cnnfuse.bench.static on ResNet-50 and GoogLeNet at batch 128 with
 #                  the tuned candidates (--candidates $TUNE), 16 compile processes: the table
-#                  for NOTES, and it fills Triton's cache with the very kernels the per-layer
-#                  suite launches. CPU machine, 2 cores shared: 146 distinct kernels for the
-#                  three CI models in 5.5 min, ~2 s of CPU a kernel -> 160 kernels / 16 ≈ 25 s
+#                  for NOTES; the kernels are specialised as the per-layer suite launches
+#                  them, so Triton's on-disk cache should spare the suite those compiles (not
+#                  yet checked on a GPU: if its keys differ, the suite compiles them within
+#                  its own time box). CPU machine, 2 cores shared by 5: 146 distinct kernels
+#                  for the three CI models in 5.5-9 min, ~2 s of CPU a kernel -> ~25 s here
 #   tests   110 s  the ops' GPU tests (-m cuda) of every backend, fp16/bf16/fp32, poisoned
 #                  outputs, in 4 parallel pytest processes (one GPU, small shapes); the `auto`
 #                  cases are left out (autotuning is timed in the per-layer suite) and
