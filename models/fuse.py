@@ -257,8 +257,9 @@ def _edge(module: nn.Module, model_channels_last: bool) -> nn.Module:
 def _restore_layout(model_channels_last: bool, module, inputs, output):
     like = inputs[0] if inputs else None
     if isinstance(output, (tuple, list)):
-        return type(output)(layout.eager_layout(o, like, model_channels_last) for o in output)
-    return layout.eager_layout(output, like, model_channels_last)
+        return type(output)(layout.eager_layout(o, like, model_channels_last, True)
+                            for o in output)
+    return layout.eager_layout(output, like, model_channels_last, True)
 
 
 def _restore_containers(gm: fx.GraphModule, original: nn.Module) -> None:

@@ -15,10 +15,12 @@ from ..graph import FusionGraph
 from ..patterns import may_alias_input
 
 
-def eager_layout(t, like, model_channels_last: bool):
+def eager_layout(t, like, model_channels_last: bool, only_dense: bool = False):
     """`t` in the layout eager PyTorch gives a conv output for input `like`: channels_last
     when the model's weights or `like` are channels_last, else contiguous. Anything that is
-    not a 4-d tensor, or an input of neither layout, is returned as it is."""
+    not a 4-d tensor, or an input of neither layout, is returned as it is; with only_dense
+    (where the producer is not known), so is anything but a dense tensor of the other
+    layout (a view of the input, say, stays the view it is in eager)."""
     if not (isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(like, torch.Tensor)
             and like.dim() == 4):
         return t
@@ -29,7 +31,12 @@ def eager_layout(t, like, model_channels_last: bool):
         fmt = torch.contiguous_format
     else:
         return t
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+    if t.is_contiguous(memory_format=fmt):
+        return t
+    other = (torch.contiguous_format if fmt == torch.channels_last else torch.channels_last)
+    if only_dense and not t.is_contiguous(memory_format=other):
+        return t
+    return t.contiguous(memory_format=fmt)
 
 
 def _made_by_cnnfuse(node: fx.Node, g: FusionGraph) -> bool:

@@ -174,6 +174,15 @@ REGRESSIONS = {
         input=(1, 4, 1, 8), outputs=[], default_arg=False, steps=[
             ("residual", [0], dict(c=4, form="into_input", act=None, seed=126)),
             ("cat", [0, 0], dict(shuffle=2))]), dict(channels_last=True)),
+    # A forward with a defaulted argument (fused per child) returning a slice of its input:
+    # the layout hook copied the view into a contiguous tensor, eager returns the view.
+    "per-child-fusion-returns-a-view-of-the-input": (dict(
+        input=(2, 5, 4, 8), outputs=[], default_arg=True, steps=[
+            ("split", [0], dict(form="narrow", first=2)),
+            ("conv", [2], _conv(3, 3, k=3, groups=3, bn="ordinary", act=("sigmoid", "module"),
+                                seed=4577)),
+            ("split", [0], dict(form="chunk", first=3)),
+            ("split", [0], dict(form="narrow", first=1))]), {}),
 }
 
 
