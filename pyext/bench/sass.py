@@ -35,10 +35,11 @@ def cuobjdump() -> str:
     raise FileNotFoundError("no cuobjdump (Triton's bundled one, $CUDA_HOME/bin or PATH)")
 
 
-def run_cuobjdump(flag: str, path) -> str:
-    """`cuobjdump <flag> <path>` (flag "-res-usage" or "-sass"); its stdout."""
-    return subprocess.run([cuobjdump(), flag, str(path)], check=True, capture_output=True,
-                          text=True).stdout
+def run_cuobjdump(*flags_and_path) -> str:
+    """`cuobjdump <flags> <path>` (flags "-res-usage", "-sass" or both: one call prints
+    both, which the parsers below read apart); its stdout."""
+    return subprocess.run([cuobjdump(), *map(str, flags_and_path)], check=True,
+                          capture_output=True, text=True).stdout
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@
 For each shape (every distinct conv of a zoo model, or N,C,H,W,K,R,S,stride,pad,dil,groups;
 stride, pad and dil take "a" or "hxw") the Triton conv kernel is compiled for sm_90 exactly as
 a launch specialises it (kernels.conv2d.compile_for_shape) at the default pick, with
---candidates N also at the first N - 1 other candidates, with --all at every candidate; depthwise convs (groups == C) are read from the CUDA C++
-depthwise kernel's instantiation in the built cnnfuse._C that the dispatch picks for them
-(with --all, every instantiation of the dtype). One row each:
+--candidates N also at the first N - 1 other candidates, with --all at every candidate.
+Depthwise convs (groups == C) are read from the CUDA C++ depthwise kernel's instantiation in
+the built cnnfuse._C that the dispatch picks for them (with --all, every instantiation of the
+dtype). One row each:
 
   registers     per thread (ptxas, cuobjdump -res-usage)
   spill_bytes   stack frame + local memory per thread: where spills go (0 for a clean kernel)
@@ -204,9 +205,11 @@ def _analyse_conv(problem, config, dtype_name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "conv2d.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        res = next(iter(sass.parse_res_usage(sass.run_cuobjdump("-res-usage", cubin)).values()))
-        code = sass.summarise_sass(sass.run_cuobjdump("-sass", cubin))
-    x, y = sass.param_access(ptx, names.index("x_ptr")), sass.param_access(ptx, names.index("y_ptr"))
+        dump = sass.run_cuobjdump("-res-usage", "-sass", cubin)
+    res = next(iter(sass.parse_res_usage(dump).values()))
+    code = sass.summarise_sass(dump)
+    x = sass.param_access(ptx, names.index("x_ptr"))
+    y = sass.param_access(ptx, names.index("y_ptr"))
     if config.split_k > 1:  # y is written by the split-K sum, a second kernel
         reduce = compile_for_shape(problem, config, DTYPES[dtype_name], reduction=True)
         names_r = [n for n in conv2d._splitk_reduce_kernel.arg_names if n.endswith("_ptr")]
@@ -353,8 +356,8 @@ def _depthwise_code() -> dict:
     spec = importlib.util.find_spec("cnnfuse._C")
     if spec is None or spec.origin is None:
         return {}
-    res = sass.parse_res_usage(sass.run_cuobjdump("-res-usage", spec.origin))
-    code = sass.split_sass(sass.run_cuobjdump("-sass", spec.origin))
+    dump = sass.run_cuobjdump("-res-usage", "-sass", spec.origin)
+    res, code = sass.parse_res_usage(dump), sass.split_sass(dump)
     out = {}
     for name, text in code.items():
         m = _DW_NAME.search(name)
