@@ -5,9 +5,9 @@ suites hide. Each case is an eager block (what the original model runs: conv, Ba
 activation, residual add, pool, SE layers) and the one fused module `cnnfuse.fuse` makes of
 it, called at a tiny shape so that the compute is negligible; both are timed interleaved
 (rounds of `calls` calls each, alternating, the median of the rounds), in µs of the calling
-thread's CPU time per call, without synchronising the GPU inside a round (host time only). The models part times a whole forward
-of the small zoo models at 1×3×16×16, original in channels_last against fused, also as µs per
-conv of the original.
+thread's CPU time per call, without synchronising the GPU inside a round (host time only).
+The models part times a whole forward of the small zoo models at 1×3×16×16, original in
+channels_last against fused, also as µs per conv of the original.
 
     python bench/bench_host.py                  # CPU, 1 thread, the reference path
     python bench/bench_host.py --device cuda    # a GPU's host time (Triton / C++ launches)

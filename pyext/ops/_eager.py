@@ -2,12 +2,13 @@
 
 `cnnfuse.ops.*` checks every argument on each call, then (traced, compiled or captured)
 enters torch.library, the one schema that FX, torch.compile, torch.export and CUDA graphs see,
-or (plain eager) calls the op's implementation directly. A fused module instead keeps a plan per call signature (shapes, strides, dtypes, devices and
-16-byte alignment of every tensor argument, the module's own settings, CNNFUSE_BACKEND and
-TRITON_INTERPRET): the arguments checked, the padding normalised and the backend chosen on the
-first call; later calls with the same signature only run it. A call that is not plain eager
-(FX or jit tracing, torch.compile, a CUDA graph capture, an active dispatch mode such as
-FakeTensorMode or FlopCounterMode, a tensor subclass) takes the op.
+or (plain eager) calls the op's implementation directly. A fused module instead keeps a plan
+per call signature (shapes, strides, dtypes, devices and 16-byte alignment of every tensor
+argument, the module's own settings, CNNFUSE_BACKEND and TRITON_INTERPRET): the arguments
+checked, the padding normalised and the backend chosen on the first call; later calls with the
+same signature only run it. A call that is not plain eager (FX or jit tracing, torch.compile,
+a CUDA graph capture, an active dispatch mode such as FakeTensorMode or FlopCounterMode, a
+tensor subclass) takes the op.
 
 Plans are small picklable objects holding geometry only, never tensors, so a copied or
 re-loaded module stays right.
