@@ -7,8 +7,8 @@ fused pairs (depthwise + 1x1, pool + 1x1) before the concatenations, so they wri
 slices; sibling merges last, so concat writers keep writing directly."""
 from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthrough,
                pool_conv2d, residual, separable, siblings, squeeze_excite)
-from . import (bn_act, branch_sum, cat_bn, functional_conv, leftover_act, same_padding,
-               unreached)
+from . import (act_prologue, bn_act, branch_sum, cat_bn, functional_conv, leftover_act,
+               same_padding, scalar_scale, unreached)
 from . import layout  # last: puts outputs back into eager's layout
 
 PIPELINE = (
@@ -18,6 +18,7 @@ PIPELINE = (
     conv_bn_act,
     cat_bn,
     branch_sum,
+    scalar_scale,
     residual,
     squeeze_excite,
     input_bn,
@@ -26,6 +27,7 @@ PIPELINE = (
     dense_block,
     concat,
     siblings,
+    act_prologue,
     bn_act,
     same_padding,
     leftover_bn,

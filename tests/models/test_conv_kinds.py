@@ -345,3 +345,32 @@ def test_batchnorm_after_a_pool_is_one_pass(mode, dtype, backend):
     assert pass_.activation == "relu6" and not modules_of(fused, nn.BatchNorm2d)
     assert report.fused["batchnorm + act as one pass"] == 1
     assert report.activations_absorbed == 1 and report.activation_sites == 1
+
+
+# --- scalar factors around convs (NFNets) ---------------------------------------------------
+
+class NFBlock(nn.Module):
+    """An NFNet block's shape: act(x) * beta into the first conv, conv * alpha + x at the end."""
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.act = nn.SiLU(inplace=inplace)
+        self.conv1, self.conv2 = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+
+    def forward(self, x):
+        out = self.act(x) * 0.7
+        return self.conv2(F.relu(self.conv1(out))) * 0.2 + x
+
+
+def test_scalar_factors_fold_into_the_convs():
+    fused, report = fuse_and_check(NFBlock(), (2, 6, 7, 9))
+    assert report.fused["scalar multiply folded into conv weights"] == 2, str(report)
+    assert fused.conv1.input_activation == "silu" and fused.conv2.has_residual
+    assert report.activations_absorbed == report.activation_sites == 2
+
+
+def test_in_place_activation_read_by_the_shortcut_stays():
+    """act_(x) changes x, which the shortcut reads too: the activation cannot move into the
+    conv's load (the shortcut would miss it)."""
+    fused, report = fuse_and_check(NFBlock(inplace=True), (1, 6, 5, 5))
+    assert fused.conv1.input_affine is None, str(report)
+    assert any("SiLU" in r for _, r in report.unfused)
