@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from ..graph import FusionGraph
 from ..modules import FusedConv2d
+from ..modules.conv2d_same import FusedConv2dSame, SamePad
 from ..patterns import activation_of_module, activation_of_node, identity_at_inference
 from ..report import FusionReport
 from .leftover_act import activation_module_name
@@ -195,6 +196,7 @@ def run(g: FusionGraph) -> None:
 def run_sequential(seq: nn.Sequential, report: FusionReport, prefix: str) -> None:
     """The same rule over neighbours in a Sequential whose children are already fused; the
     BatchNorms and activations left among them are listed."""
+    _same_padding_in_sequential(seq, report)
     for i, name in enumerate(list(seq._modules)):
         conv = seq._modules[name]
         if isinstance(conv, FusedConv2d) and not conv.folded_bn and conv.activation == "none":
@@ -210,3 +212,23 @@ def run_sequential(seq: nn.Sequential, report: FusionReport, prefix: str) -> Non
             why = bn_epilogue(m)[1]
             report.skip(prefix + name, f"{why}; kept" if why else
                         "BatchNorm not directly after a conv; kept")
+
+
+def _same_padding_in_sequential(seq: nn.Sequential, report: FusionReport) -> None:
+    """What conv_subclasses made of a Conv2dSame (SamePad, then a conv) merged back into one
+    FusedConv2dSame: as neighbours, or as a child Sequential of just the two (already merged
+    by this rule, so the conv takes its place here and the BatchNorm after it can fold)."""
+    names = list(seq._modules)
+    for name, after in zip(names, names[1:]):
+        pad, conv = seq._modules[name], seq._modules[after]
+        if (isinstance(pad, SamePad) and type(conv) is FusedConv2d and not any(conv.padding)
+                and (conv.kernel_size, conv.stride, conv.dilation)
+                == (pad.kernel_size, pad.stride, pad.dilation)):
+            seq._modules[name] = nn.Identity()
+            seq._modules[after] = FusedConv2dSame.from_fused(conv)
+            report.add("tf 'same' padding in the conv")
+    for name in names:
+        child = seq._modules[name]
+        if type(child) is nn.Sequential and len(child) == 2 and isinstance(
+                child[0], nn.Identity) and isinstance(child[1], FusedConv2dSame):
+            seq._modules[name] = child[1]

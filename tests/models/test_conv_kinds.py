@@ -15,7 +15,7 @@ from cnnfuse import FusedConv2d
 from cnnfuse.models.modules.bn_act import FusedBatchNormAct
 from cnnfuse.models.modules.conv2d_same import FusedConv2dSame, SamePad, same_padding
 
-from ..util import assert_within_torch_error, randomize_batchnorm
+from ..util import assert_within_torch_error, needs_triton, randomize_batchnorm
 
 timm_layers = pytest.importorskip("timm.layers")
 
@@ -72,6 +72,15 @@ def test_conv2d_same_fuses_at_every_input_size(k, stride):
     assert not modules_of(fused, SamePad) and report.coverage == 1.0, str(report)
 
 
+def test_conv2d_same_in_a_sequential_fuses_with_its_batchnorm():
+    """The module-tree path (a Sequential is not traced): pad and conv merge there too."""
+    model = nn.Sequential(timm_layers.Conv2dSame(4, 6, 3, stride=2), nn.BatchNorm2d(6),
+                          nn.ReLU6())
+    fused, report = fuse_and_check(model, (1, 4, 9, 8), (1, 4, 8, 8))
+    assert isinstance(fused[0], FusedConv2dSame), fused
+    assert fused[0].folded_bn and fused[0].activation == "relu6", str(report)
+
+
 def test_conv2d_same_before_a_fused_pair_keeps_its_pad():
     """A depthwise Conv2dSame paired with the 1x1 after it: the pad stays a step of its own
     (exact), and explain says so."""
@@ -93,6 +102,14 @@ def test_fused_conv2d_same_in_half_precision(dtype):
     conv = timm_layers.Conv2dSame(4, 6, 3, stride=2, bias=True)
     fused, _ = fuse_and_check(ConvBnAct(conv, nn.SiLU()), (1, 4, 7, 6), dtype=dtype)
     assert isinstance(modules_of(fused, FusedConv2d)[0], FusedConv2dSame)
+
+
+@needs_triton
+def test_conv2d_same_on_the_triton_kernel(backend):
+    """The asymmetric padding of an odd input through the Triton conv (interpreted on CPU)."""
+    backend("triton")
+    conv = timm_layers.Conv2dSame(4, 8, 3, stride=2, bias=False)
+    fuse_and_check(ConvBnAct(conv), (1, 4, 7, 8))
 
 
 # --- weight-standardised convs ----------------------------------------------------------------
