@@ -19,7 +19,8 @@ from torch import nn
 from ..modules.conv2d_same import SamePad, is_static, same_padding
 from ..report import FusionReport
 
-_SAME = ("Conv2dSame", "Conv2dSameExport")
+# (not Conv2dSameExport: it keeps the padding of its first call for every later one)
+_SAME = ("Conv2dSame",)
 _STANDARDISED = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 
 
