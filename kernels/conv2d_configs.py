@@ -164,6 +164,8 @@ CONFIGS = (
     Conv2dConfig(64, 64, 32, 4, 5),
     Conv2dConfig(128, 32, 64, 4, 4),  # narrow layers (MobileNet's 16-32 channel projections)
     Conv2dConfig(64, 32, 64, 4, 4),
+    Conv2dConfig(128, 32, 32, 4, 4),  # narrow and shallow (16-32 channels in and out)
+    Conv2dConfig(64, 32, 32, 4, 4),
     Conv2dConfig(32, 64, 64, 4, 4),
     Conv2dConfig(32, 32, 32, 2, 4),
 )
