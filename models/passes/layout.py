@@ -70,8 +70,9 @@ def run(g: FusionGraph) -> None:
         if _made_by_cnnfuse(node, g):
             fused[node] = "out" not in node.kwargs  # a slice writer: its concat is restored
         elif node.op == "call_function" and node.target is operator.getitem and isinstance(
-                node.args[0], fx.Node) and _made_by_cnnfuse(node.args[0], g):
-            fused[node] = True  # (y, pooled)[0]
+                node.args[0], fx.Node) and isinstance(node.args[1], int) and _made_by_cnnfuse(
+                    node.args[0], g):
+            fused[node] = True  # (y, pooled)[0]; a slice y[:, k:] is a view (below)
         elif node.op in ("placeholder", "get_attr", "output") or may_alias_input(
                 node, g.modules):
             fused[node] = False  # a view: restoring its base restores it

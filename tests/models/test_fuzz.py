@@ -183,6 +183,21 @@ REGRESSIONS = {
                                 seed=4577)),
             ("split", [0], dict(form="chunk", first=3)),
             ("split", [0], dict(form="narrow", first=1))]), {}),
+    # A slice y[:, k:] of a fused conv's output returned: the layout pass took the slice for
+    # a tuple item of the conv and copied it; eager returns a view of the whole output.
+    "slice-of-a-fused-output-returned": (dict(
+        input=(2, 4, 4, 9), outputs=[3], default_arg=False, steps=[
+            ("inplace", [0], dict(kind="slice_mul_", k=2)),
+            ("inplace", [0], dict(kind="select_zero_", k=2)),
+            ("act", [0], dict(act=("leaky_relu", "method"))),
+            ("sep", [0], dict(
+                dw=_conv(4, 4, k=3, stride=2, pad=1, groups=4, bias=True, bn="ordinary",
+                         seed=705),
+                pw=_conv(4, 7, bias=True, bn="tiny", act=("relu6", "inplace"), seed=755))),
+            ("conv", [1], _conv(4, 8, k=2, pad=1, dil=2, groups=2, bias=True, bn="ordinary",
+                                act=("gelu", "function"), seed=805)),
+            ("view", [0], dict(form="view")),
+            ("split", [3], dict(form="narrow", first=6))]), {}),
 }
 
 
