@@ -28,9 +28,10 @@
 #                  cases are left out (autotuning is timed in the per-layer suite) and
 #                  CNNFUSE_AUTOTUNE=0 keeps the rest on one config each. Collecting all 715
 #                  cuda tests takes 18-26 s here
-#   layers  120 s  bench/ops/bench_conv2d.py at batch 128: ResNet-50's 23 and GoogLeNet's 57
-#                  distinct dense convs x {cnnfuse_triton, cnnfuse (autotuned), cudnn_conv_only,
-#                  cudnn conv+BN+ReLU} = 320 graph replays of 30 rounds
+#   layers  120 s  bench/ops/bench_conv2d.py at batch 128: the 72 distinct dense convs of
+#                  ResNet-50 and GoogLeNet x {cnnfuse_triton, cnnfuse (autotuned),
+#                  cudnn_conv_only, cudnn conv+BN+ReLU} = 288 cases of 30 graph replays
+#                  (collected in 12 s here)
 #   models  130 s  bench/bench_models.py: ResNet-50, GoogLeNet, MobileNetV2 at batch 1 and
 #                  256, fp16, cudnn / inductor / cnnfuse: 18 cases, 6 torch.compile builds
 #   report   20 s  python -m cnnfuse.bench.report (markdown + PNG) and the summary
