@@ -135,14 +135,21 @@ UNPIPELINED = _ttgir("""
     }
 """)
 
+# a loop whose result types carry attributes in braces: its region is the line's last brace
+SLICE_TYPED = PIPELINED.replace(
+    "-> (tensor<128x64xf32>) {",
+    "-> (tensor<128x64xf32>, tensor<64xf32, #ttg.slice<{dim = 0, parent = #mma}>>) {")
+
 TWO_LOOPS = PIPELINED.replace("    %f = ttng", "    %r2 = scf.for %j = %c0 to %n step %c1 {\n"
                               "      %g = ttng.warp_group_dot %x, %y, %f\n    }\n    %f = ttng")
 
 
-@pytest.mark.parametrize("ttgir, expected", [(PIPELINED, True), (PER_TAP, False),
+@pytest.mark.parametrize("ttgir, expected", [(PIPELINED, True), (SLICE_TYPED, True),
+                                             (PER_TAP, False),
                                              (UNPIPELINED, False), (TWO_LOOPS, False),
                                              (_ttgir("%d = tt.dot %a, %b, %c\n"), False)],
-                         ids=["one-pipelined-loop", "loop-per-tap", "no-async-copies",
+                         ids=["one-pipelined-loop", "slice-typed-loop", "loop-per-tap",
+                              "no-async-copies",
                               "mma-in-two-loops", "no-loop"])
 def test_whole_reduction_pipelined(ttgir, expected):
     assert sass.whole_reduction_pipelined(ttgir) is expected
