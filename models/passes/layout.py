@@ -49,14 +49,15 @@ def _made_by_cnnfuse(node: fx.Node, g: FusionGraph) -> bool:
         "cnnfuse.")
 
 
-def _views_of(node: fx.Node, g: FusionGraph) -> list:
-    """`node` and its views, and theirs, transitively (not what it is a view of)."""
+def _views_of(node: fx.Node, g: FusionGraph, fused: dict) -> list:
+    """`node` and its views, and theirs, transitively (not what it is a view of), short of
+    those restored on their own (a merged conv's slices)."""
     out, todo = [], [node]
     while todo:
         n = todo.pop()
         out.append(n)
         todo += [u for u in n.users if u.args and u.args[0] is n and u not in out
-                 and may_alias_input(u, g.modules)]
+                 and may_alias_input(u, g.modules) and not fused.get(u)]
     return out
 
 
@@ -83,7 +84,7 @@ def run(g: FusionGraph) -> None:
         if fused.get(node) and any(
                 u.op == "output" or (u.op == "call_method" and u.target == "view"
                                      and u.args[0] is v)
-                for v in _views_of(node, g) for u in v.users):
+                for v in _views_of(node, g, fused) for u in v.users):
             sites.append(node)
     for node in sites:
         with g.graph.inserting_after(node):
