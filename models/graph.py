@@ -69,15 +69,17 @@ class FusionGraph:
             node = node.next
         return False
 
-    def aliases(self, nodes) -> set:
+    def aliases(self, nodes, stop=()) -> set:
         """Every node whose value may share storage with one of `nodes`: their views and the
-        views of those, and what they are views of, transitively."""
+        views of those, and what they are views of, transitively (not past `stop`)."""
         seen, todo = set(), list(nodes)
         while todo:
             node = todo.pop()
             if node in seen or not isinstance(node, fx.Node):
                 continue
             seen.add(node)
+            if node in stop:
+                continue
             todo += [u for u in node.users if u.args and u.args[0] is node
                      and may_alias_input(u, self.modules)]
             if node.args and isinstance(node.args[0], fx.Node) and may_alias_input(
@@ -90,6 +92,12 @@ class FusionGraph:
         in-place op, an `out=`, a module with inplace=True reading any alias of them)."""
         aliases = self.aliases(nodes)
         return any(may_mutate(u, self.modules) for a in aliases for u in a.users)
+
+    def private_to(self, node: fx.Node, user: fx.Node) -> bool:
+        """Whether `user` is the only reader of `node` and nothing else shares its storage:
+        a write into it by `user` is then seen by no one else."""
+        return (node.op not in ("placeholder", "get_attr") and set(node.users) == {user}
+                and self.aliases([node], stop={user}) <= {node, user})
 
     def escapes(self, node: fx.Node) -> bool:
         """Whether `node`, or a view of it, is returned from the graph (the caller may write

@@ -21,8 +21,9 @@ def _fuse(g: FusionGraph, add) -> None:
                 and fused.activation == "none" and len(conv_node.users) == 1
                 and conv_node is not other
                 # an in-place add into `other` is visible to whatever else reads it,
-                # the tensors it is a view of included
-                and not (in_place and other is a)):
+                # the tensors it is a view of included (`x += shortcut` into a fresh x that
+                # only the add reads is not)
+                and not (in_place and other is a and not g.private_to(other, add))):
             break
     else:
         return

@@ -310,3 +310,24 @@ def test_script_says_what_to_use_trace_and_export_work():
     with torch.no_grad():
         traced = torch.jit.trace(fused, x)
         torch.testing.assert_close(traced(x), model(x), rtol=2e-5, atol=2e-5)
+
+
+def test_in_place_add_into_an_operand_only_the_add_reads():
+    class Add(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.conv, self.shared = nn.Conv2d(3, 3, 1), shared
+
+        def forward(self, x):
+            t = x * 2
+            alias = t[:, :1] if self.shared else x
+            t += self.conv(x)  # into t: fused when nothing else can see t
+            return F.relu(t, inplace=True), alias * 1
+
+    x = torch.randn(1, 3, 4, 4)
+    for shared in (False, True):
+        model = Add(shared).eval()
+        with torch.no_grad():
+            for g, w in zip(cnnfuse.fuse(model)(x), model(x)):
+                torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+        assert cnnfuse.explain(model).fused["residual add"] == (0 if shared else 1)
