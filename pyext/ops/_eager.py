@@ -48,6 +48,20 @@ def active(x) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def call(x, run, op, op_into, args: tuple, out_channels: int, out, offset: int):
+    """A functional op's dispatch once its arguments are checked: plain eager runs `run(*args,
+    dest)` (the implementation, without torch.library's wrapper), anything else the op, or
+    `op_into` with `out` (channels [offset, +out_channels) of it)."""
+    if active(x):
+        dest = None if out is None else out.narrow(1, offset, out_channels)
+        y = run(*args, dest)
+        return y if out is None else out
+    if out is None:
+        return op(*args)
+    op_into(*args, out, offset)
+    return out
+
+
 def signature(t) -> tuple:
     """What a plan depends on in one tensor argument (None stays None)."""
     if t is None:
@@ -141,13 +155,18 @@ class CpuConv:
         return y if fn is None else fn(y)
 
 
-class ReferenceConv:
-    """Other dtypes on the CPU: the reference itself (fp32 accumulation), no op wrapper."""
+class _ConvGeometry:
+    """A conv plan's constant arguments."""
     __slots__ = ("args",)
 
     def __init__(self, stride, pads, dilation, groups, activation, input_activation="none"):
         self.args = (list(stride), list(pads), list(dilation), groups, activation,
                      input_activation)
+
+
+class ReferenceConv(_ConvGeometry):
+    """Other dtypes on the CPU: the reference itself (fp32 accumulation), no op wrapper."""
+    __slots__ = ()
 
     def __call__(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
                  dest=None, pool=None):
@@ -158,15 +177,11 @@ class ReferenceConv:
         return _finish(y, dest, pool)
 
 
-class OpImplConv:
+class OpImplConv(_ConvGeometry):
     """Every other backend: the op's implementation (`conv2d._run`: the autotuned pick, the
     Triton kernel, the C++ kernels) called directly, without the torch.library wrapper or the
     argument checks the plan already made."""
-    __slots__ = ("args",)
-
-    def __init__(self, stride, pads, dilation, groups, activation, input_activation="none"):
-        self.args = (list(stride), list(pads), list(dilation), groups, activation,
-                     input_activation)
+    __slots__ = ()
 
     def __call__(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
                  dest=None, pool=None):

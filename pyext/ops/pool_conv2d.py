@@ -34,14 +34,8 @@ def pool_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                              residual)
     if out is not None:
         _check.out_slice(out, x, shape, out_channel_offset)
-    if _eager.active(x):  # plain eager: the op's implementation, without torch.library's wrapper
-        dest = None if out is None else out.narrow(1, out_channel_offset, shape[1])
-        y = _run(*args, dest)
-        return y if out is None else out
-    if out is None:
-        return torch.ops.cnnfuse.pool_conv2d(*args)
-    torch.ops.cnnfuse.pool_conv2d_into(*args, out, out_channel_offset)
-    return out
+    return _eager.call(x, _run, torch.ops.cnnfuse.pool_conv2d, torch.ops.cnnfuse.pool_conv2d_into, args,
+                       shape[1], out, out_channel_offset)
 
 
 def check_args(x, weight, bias, mode, kernel_size, stride, padding, activation, residual):
