@@ -40,12 +40,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _compile(module: nn.Module) -> Callable:
     import torch._inductor.config as inductor_config
-    inductor_config.freezing = True  # read when the first call compiles
+    # Scoped to this compile: a global setting would leak freezing into the caller's other
+    # torch.compile calls, whose parameters it then discards.
+    options = {"freezing": True}
     # The module is this provider's own copy: without this, freezing keeps the eager
     # parameters beside the frozen constants and the peak memory counts the weights twice.
     if hasattr(inductor_config, "freezing_discard_parameters"):
-        inductor_config.freezing_discard_parameters = True
-    return torch.compile(module)
+        options["freezing_discard_parameters"] = True
+    return torch.compile(module, options=options)
 
 
 def make(provider: str, model: nn.Module, dtype: torch.dtype, device) -> Callable:
