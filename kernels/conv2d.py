@@ -41,7 +41,6 @@ pointer path is the one path verified here.
 """
 import functools
 import logging
-import weakref
 
 import torch
 import triton
@@ -381,24 +380,14 @@ def compile_for_shape(problem: Conv2dProblem, config: Conv2dConfig, dtype: torch
 # ---------------------------------------------------------------------------------------------
 # Runtime launchers (tensors already validated by cnnfuse.ops).
 
-_padded_weights: dict = {}  # id(weight) -> (weakref, version, padded)
-
-
 def _padded_weight(w: torch.Tensor) -> torch.Tensor:
-    """w (K, C < 8, R, S) zero-padded to STEM_CHANNELS channels, channels_last; cached per
-    weight tensor and version."""
-    key = id(w)
-    hit = _padded_weights.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
-        return hit[2]
+    """w (K, C < 8, R, S) zero-padded to STEM_CHANNELS channels, channels_last. Made per call:
+    a cache keyed on the tensor would miss `weight.data = ...` and in-place writes through
+    `.data`, which bump no version counter, and the stem's weight is a few thousand values."""
     k, c, r, s = w.shape
     buf = w.new_zeros((k, r, s, STEM_CHANNELS))
     buf[..., :c] = w.permute(0, 2, 3, 1)
-    padded = buf.permute(0, 3, 1, 2)
-    if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _padded_weights[key] = (weakref.ref(w, lambda _: _padded_weights.pop(key, None)),
-                                w._version, padded)
-    return padded
+    return buf.permute(0, 3, 1, 2)
 
 
 def pad_channels(x: torch.Tensor) -> torch.Tensor:

@@ -118,12 +118,12 @@ def explain(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -> FusionR
 
 
 def _float32_weights(fused: nn.Module, dtype: torch.dtype, cast: bool = True) -> list:
-    """Paths of the folded convs whose weights stay float32 in a `dtype` model (cast: the
-    model is already cast; else whether it would be)."""
+    """Paths of the convs whose (folded, merged or scaled) weights stay float32 in a `dtype`
+    model (cast: the model is already cast; else whether it would be)."""
     if dtype.itemsize >= 4:
         return []
     return [path for path, m in fused.named_modules() if isinstance(m, FusedConv2d)
-            and m.folded_bn and (m.weight.dtype == torch.float32 if cast else not all(
+            and (m.weight.dtype == torch.float32 if cast else not all(
                 fits(p, dtype) for p in (m.weight, m.bias) if p is not None))]
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ... import ops
+from ...ops import _eager
 from ...ops.conv2d import output_hw
 from ...backend import warn_once
 from ...ref import apply_activation
@@ -87,6 +88,17 @@ class FusedConv2dSame(FusedConv2d):
                                  f"{'a tensor' if value is not None else 'None'}")
         if x.dim() != 4:
             raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        if _eager.wider_weight(self.weight, x):
+            # weights kept float32 (out of x's dtype's range): computed in float32, returned
+            # in x's dtype, as FusedConv2d does
+            dtype = self.weight.dtype
+
+            def wide(t):
+                return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == x.dtype else t
+            y = self.forward(x.to(dtype), wide(residual), wide(input_scale))
+            y = (y[0] if self.returns_pooled else y).to(x.dtype)
+            y = y if out is None else out.copy_(y)
+            return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
         pads = same_padding(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.dilation)
         args = (x, self.weight, self.bias, self.stride, list(pads), self.dilation, self.groups)
         prologue = dict(input_scale=input_scale, input_affine=self.input_affine,

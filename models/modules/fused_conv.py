@@ -88,16 +88,17 @@ class FusedConv2d(nn.Module):
         # The prologue's scale and shift stay float32 whatever dtype the model is cast to: the
         # shift cancels against x · scale, and fp16 would lose what eager BatchNorm keeps.
         affine = self.input_affine
-        # Folded weights (and bias) that a cast would take out of the new dtype's range or
-        # into its subnormals stay float32 (forward computes in the weight's dtype then):
-        # eager never rounds the product of conv weight and BatchNorm scale.
+        # Weights (and bias) that a cast would take out of the new dtype's range, or a channel
+        # wholly into its subnormals, stay float32 (forward computes in the weight's dtype
+        # then): eager never rounds the product of a conv weight and a BatchNorm scale (or a
+        # merged or scaled weight) to the low-precision dtype.
         before = {name: p.data for name, p in self._parameters.items() if p is not None}
         result = super()._apply(fn, *args, **kwargs)
         if affine is not None:
             moved = self._buffers["input_affine"]
             self._buffers["input_affine"] = affine.to(device=moved.device, dtype=torch.float32)
         after = {name: p.data for name, p in self._parameters.items() if p is not None}
-        if self.folded_bn and any(a.dtype != b.dtype and a.dtype.itemsize < 4
+        if any(a.dtype != b.dtype and a.dtype.itemsize < 4
                                   and not fits(b, a.dtype)
                                   for a, b in zip(after.values(), before.values())):
             for name, old in before.items():

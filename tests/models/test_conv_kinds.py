@@ -104,6 +104,26 @@ def test_fused_conv2d_same_in_half_precision(dtype):
     assert isinstance(modules_of(fused, FusedConv2d)[0], FusedConv2dSame)
 
 
+def test_fused_conv2d_same_with_float32_weights_out_of_fp16_range():
+    """A BatchNorm with a tiny variance folds into weights beyond float16's range: they stay
+    float32 through .half() and the conv computes in float32, as FusedConv2d does."""
+    torch.manual_seed(0)
+    block = ConvBnAct(timm_layers.Conv2dSame(3, 4, 3, stride=2, bias=False), nn.Identity()).eval()
+    with torch.no_grad():  # scale 3 / sqrt(2e-12): folded weights ~1e5, outputs ~1e2
+        block.bn.eps = 1e-12
+        block.bn.running_var.fill_(1e-12)
+        block.bn.running_mean.zero_()
+        block.bn.weight.fill_(3.0)
+    x = 1e-3 * torch.randn(1, 3, 9, 8)
+    fused = cnnfuse.fuse(block, dtype=torch.float16)
+    conv = modules_of(fused, FusedConv2d)[0]
+    assert isinstance(conv, FusedConv2dSame) and conv.weight.dtype == torch.float32
+    want = block.double()(x.double())
+    got = fused(x.half())
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert_within_torch_error(got, want.half(), want)
+
+
 @needs_triton
 def test_conv2d_same_on_the_triton_kernel(backend):
     """The asymmetric padding of an odd input through the Triton conv (interpreted on CPU)."""

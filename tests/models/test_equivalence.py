@@ -11,7 +11,7 @@ from torch import nn
 
 import cnnfuse
 
-from ..util import assert_within_torch_error
+from ..util import assert_within_torch_error, randomize_batchnorm
 
 
 def _ones(*convs):
@@ -68,6 +68,46 @@ def test_folded_weights_that_fit_are_cast():
     assert fused.conv.weight.dtype == torch.float16
     assert cnnfuse.fuse(DeadChannel().eval(), dtype=torch.bfloat16).conv.weight.dtype == \
         torch.bfloat16  # bfloat16 has float32's range
+
+
+def test_ordinary_folded_weights_are_cast():
+    """Random and trained weights have elements far below float16's smallest normal number;
+    only each output channel's largest magnitude decides, so an ordinary network is float16
+    throughout (a float32 conv on the GPU would cost its speed, not its answer)."""
+    import torchvision
+    model = randomize_batchnorm(torchvision.models.resnet18()).eval()
+    fused = cnnfuse.fuse(model, dtype=torch.float16)
+    dtypes = [m.weight.dtype for m in fused.modules() if isinstance(m, cnnfuse.FusedConv2d)]
+    assert len(dtypes) == 20 and set(dtypes) == {torch.float16}
+
+
+class Siblings(nn.Module):
+    """Two convs reading x, one with a BatchNorm whose tiny variance folds out of float16's
+    range: merged into one conv, which must keep float32 weights for both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4, eps=1e-12)
+        with torch.no_grad():
+            self.bn.running_var.fill_(1e-12)
+            self.bn.weight.fill_(3.0)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.a(x))) * F.relu(self.b(x))
+
+
+def test_merged_siblings_keep_float32_when_one_overflows():
+    torch.manual_seed(0)
+    model = Siblings().eval()
+    x = 1e-3 * torch.randn(1, 3, 4, 5)
+    fused = cnnfuse.fuse(model, dtype=torch.float16)
+    convs = [m for m in fused.modules() if isinstance(m, cnnfuse.FusedConv2d)]
+    assert len(convs) == 1 and convs[0].out_channels == 8  # the siblings merged
+    assert convs[0].weight.dtype == torch.float32
+    ref = copy.deepcopy(model).double()(x.double())
+    got = fused(x.half())
+    assert_within_torch_error(got, ref.half(), ref)
 
 
 # 2. Forwards with defaulted arguments ------------------------------------------------------
