@@ -3,7 +3,7 @@
     fast = cnnfuse.fuse(model.eval())     # a fused copy
     print(cnnfuse.explain(model))         # what was fused, what was not, and why
 """
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from . import ops  # noqa: E402  (registers the torch.library ops)
 from .models import FusedConv2d, FusionReport, explain, fuse  # noqa: E402
