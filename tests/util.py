@@ -18,6 +18,18 @@ needs_triton = pytest.mark.skipif(
     reason="Triton kernels need a GPU or TRITON_INTERPRET=1 set before Python starts")
 
 
+def _has_cuobjdump() -> bool:
+    from cnnfuse.bench import sass
+    try:
+        sass.cuobjdump()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_cuobjdump = pytest.mark.skipif(not _has_cuobjdump(), reason="no cuobjdump to read the SASS")
+
+
 def assert_within_torch_error(ours: torch.Tensor, torch_same: torch.Tensor,
                               ref64: torch.Tensor, atol_scale: float = 1e-5) -> None:
     """|ours - ref64| <= 2 |torch_same_dtype - ref64| + a tiny atol (max over elements)."""

@@ -80,25 +80,11 @@ class FusedConv2dSame(FusedConv2d):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 input_scale: Optional[torch.Tensor] = None,
                 out: Optional[torch.Tensor] = None):
-        for flag, name, value in ((self.has_residual, "residual", residual),
-                                  (self.has_input_scale, "input_scale", input_scale)):
-            if flag != (value is not None):
-                raise ValueError(f"{type(self).__name__} was built with has_{name}={flag} but "
-                                 f"forward got {name}="
-                                 f"{'a tensor' if value is not None else 'None'}")
+        self._check_inputs(residual, input_scale)
         if x.dim() != 4:
             raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
-        if _eager.wider_weight(self.weight, x):
-            # weights kept float32 (out of x's dtype's range): computed in float32, returned
-            # in x's dtype, as FusedConv2d does
-            dtype = self.weight.dtype
-
-            def wide(t):
-                return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == x.dtype else t
-            y = self.forward(x.to(dtype), wide(residual), wide(input_scale))
-            y = (y[0] if self.returns_pooled else y).to(x.dtype)
-            y = y if out is None else out.copy_(y)
-            return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
+        if _eager.wider_weight(self.weight, x):  # weights kept float32 (x's range)
+            return self._in_weight_dtype(self.forward, x, residual, input_scale, out)
         pads = same_padding(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.dilation)
         args = (x, self.weight, self.bias, self.stride, list(pads), self.dilation, self.groups)
         prologue = dict(input_scale=input_scale, input_affine=self.input_affine,

@@ -202,24 +202,32 @@ class FusedConv2d(nn.Module):
                                   input_scale, self.input_affine, self.input_activation, out,
                                   self.returns_pooled)
 
-    def _forward_op(self, x, residual, input_scale, out):
-        """forward through `cnnfuse.ops.conv2d` (the torch.library op)."""
+    def _check_inputs(self, residual, input_scale) -> None:
+        """A residual and an input scale exactly where the module was built to take them."""
         for flag, name, value in ((self.has_residual, "residual", residual),
                                   (self.has_input_scale, "input_scale", input_scale)):
             if flag != (value is not None):
                 raise ValueError(f"{self.__class__.__name__} was built with has_{name}={flag} "
                                  f"but forward got {name}="
                                  f"{'a tensor' if value is not None else 'None'}")
-        if _eager.wider_weight(self.weight, x):
-            # computed in the weight's dtype, returned in x's
-            dtype = self.weight.dtype
 
-            def wide(t):
-                return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == x.dtype else t
-            y = self._forward_op(x.to(dtype), wide(residual), wide(input_scale), None)
-            y = (y[0] if self.returns_pooled else y).to(x.dtype)
-            y = y if out is None else out.copy_(y)
-            return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
+    def _in_weight_dtype(self, forward, x, residual, input_scale, out):
+        """forward(x, residual, input_scale, None) computed in the weight's (wider) dtype,
+        returned in x's, into `out` if given, with the pooled mean of what is returned."""
+        dtype = self.weight.dtype
+
+        def wide(t):
+            return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == x.dtype else t
+        y = forward(x.to(dtype), wide(residual), wide(input_scale), None)
+        y = (y[0] if self.returns_pooled else y).to(x.dtype)
+        y = y if out is None else out.copy_(y)
+        return (y, y.mean((2, 3), dtype=torch.float32)) if self.returns_pooled else y
+
+    def _forward_op(self, x, residual, input_scale, out):
+        """forward through `cnnfuse.ops.conv2d` (the torch.library op)."""
+        self._check_inputs(residual, input_scale)
+        if _eager.wider_weight(self.weight, x):
+            return self._in_weight_dtype(self._forward_op, x, residual, input_scale, out)
         if residual is not None and not _fits(residual, x, self):
             # A broadcast or mixed-dtype add: exact, just not fused.
             warn_once(f"FusedConv2d: residual {_describe(residual)} does not match the conv "

@@ -151,8 +151,7 @@ class CpuConv:
         y = F.conv2d(x, weight, bias, self.stride, self.pad_hw, self.dilation, self.groups)
         if residual is not None:
             y.add_(residual)
-        fn = _INPLACE[self.activation]
-        return y if fn is None else fn(y)
+        return activate_(y, self.activation)
 
 
 class _ConvGeometry:
@@ -267,10 +266,7 @@ class CpuSeparable:
         y = F.conv2d(mid, weight, bias)
         if residual is not None:
             y.add_(residual)
-        fn = _INPLACE[self.activation]
-        if fn is not None:
-            y = fn(y)
-        return _finish(y, dest, None)
+        return _finish(activate_(y, self.activation), dest, None)
 
 
 class OpImplPair:
@@ -337,10 +333,7 @@ class CpuPoolConv:
         y = F.conv2d(p, weight, bias)
         if residual is not None:
             y.add_(residual)
-        fn = _INPLACE[self.activation]
-        if fn is not None:
-            y = fn(y)
-        return _finish(y, dest, None)
+        return _finish(activate_(y, self.activation), dest, None)
 
 
 def plan_pool_conv2d(x, weight, bias, mode, kernel_size, stride, padding, activation, residual,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cnnfuse.bench import sass, static
+from ..util import needs_cuobjdump
 
 RES_USAGE = """
 Resources:
@@ -203,15 +204,7 @@ def test_depthwise_variant_follows_the_dispatch():
     assert static.depthwise_variant(dilated, torch.float16) == (8, 0, 0, 0, 1)
 
 
-def _has_cuobjdump() -> bool:
-    try:
-        sass.cuobjdump()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _has_cuobjdump(), reason="no cuobjdump to read the SASS")
+@needs_cuobjdump
 def test_zoo_gates_hold_at_batch_1_and_128():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "cnnfuse.bench.static", "--json", "--jobs", "2"]

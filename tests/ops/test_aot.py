@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ..util import needs_cuobjdump
+
 CASES = [  # (config in CONFIGS / GROUPED_CONFIGS or a tile, dtype, kernel, grouped, prologue)
     ("CONFIGS[0]", "float16", (3, 3), False, ""),
     ("CONFIGS[3]", "bfloat16", (1, 1), False, "scale"),
@@ -59,16 +61,7 @@ open(out + ".json", "w").write(json.dumps(static._analyse_conv(problem, config, 
 """
 
 
-def _has_cuobjdump() -> bool:
-    from cnnfuse.bench import sass
-    try:
-        sass.cuobjdump()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _has_cuobjdump(), reason="no cuobjdump to read the SASS")
+@needs_cuobjdump
 @pytest.mark.parametrize("config, dtype, kernel, grouped, prologue", CASES,
                          ids=[f"{c}-{d}-{k[0]}x{k[1]}{'-grouped' * g}{'-' * bool(p)}{p}"
                               for c, d, k, g, p in CASES])
