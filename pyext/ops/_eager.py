@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ref
+from ..ref.activation import activate_
 from ..backend import ran
 
 # The environment os.environ writes through (bytes keys on POSIX): read per call for a few
@@ -84,26 +85,6 @@ def cached(module, key, build):
             plans.clear()
         plan = plans[key] = build()
     return plan
-
-
-# In-place activations on a fresh fp32 result (eager's own functions, so a fused model rounds
-# as the original does); gelu has no in-place form.
-_INPLACE = {
-    "none": None,
-    "relu": torch.relu_,
-    "relu6": lambda y: y.clamp_(0.0, 6.0),
-    "silu": lambda y: F.silu(y, inplace=True),
-    "hardswish": lambda y: F.hardswish(y, inplace=True),
-    "hardsigmoid": lambda y: F.hardsigmoid(y, inplace=True),
-    "sigmoid": torch.sigmoid_,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-}
-
-
-def activate_(y: torch.Tensor, activation: str) -> torch.Tensor:
-    fn = _INPLACE[activation]
-    return y if fn is None else fn(y)
 
 
 def _finish(y, dest, pool):

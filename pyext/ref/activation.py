@@ -39,3 +39,24 @@ def apply_activation(y: torch.Tensor, name: str) -> torch.Tensor:
     if name == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
     raise ValueError(f"activation={name!r} is not supported; choose one of {ACTIVATIONS}")
+
+
+# In-place forms on a fresh fp32 result (eager's own functions, so a fused model's CPU plans
+# round as the original does); gelu has no in-place form.
+_INPLACE = {
+    "none": None,
+    "relu": torch.relu_,
+    "relu6": lambda y: y.clamp_(0.0, 6.0),
+    "silu": lambda y: F.silu(y, inplace=True),
+    "hardswish": lambda y: F.hardswish(y, inplace=True),
+    "hardsigmoid": lambda y: F.hardsigmoid(y, inplace=True),
+    "sigmoid": torch.sigmoid_,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+}
+
+
+def activate_(y: torch.Tensor, name: str) -> torch.Tensor:
+    """apply_activation(y, name), in place where eager has an in-place form."""
+    fn = _INPLACE[name]
+    return y if fn is None else fn(y)
