@@ -7,14 +7,15 @@ fused pairs (depthwise + 1x1, pool + 1x1) before the concatenations, so they wri
 slices; sibling merges last, so concat writers keep writing directly."""
 from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthrough,
                pool_conv2d, residual, separable, siblings, squeeze_excite)
-from . import (act_prologue, bn_act, branch_sum, cat_bn, functional_conv, leftover_act,
-               same_padding, scalar_scale, unreached)
+from . import (act_prologue, bn_act, branch_sum, cat_bn, channel_permutation, functional_conv,
+               leftover_act, same_padding, scalar_scale, unreached)
 from . import layout  # last: puts outputs back into eager's layout
 
 PIPELINE = (
     unreached,
     passthrough,
     functional_conv,
+    channel_permutation,
     conv_bn_act,
     cat_bn,
     branch_sum,
