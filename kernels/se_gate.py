@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .activation import apply_activation
 from .aot import compile_for
+from .launch import launch
 
 
 @triton.jit
@@ -71,12 +72,11 @@ def se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2, ac
     if gate.device.type == "cpu" and gate.dtype == torch.bfloat16:
         out = torch.empty(gate.shape, dtype=torch.float32)
     grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
-    _se_gate_kernel[grid](
-        pooled, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,
-        n, c, r, *pooled.stride(), *w1.stride(), *w2.stride(), *out.stride(),
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT1=act1, ACT2=act2,
-        **tiles, num_warps=4, num_stages=1,
-    )
+    launch(_se_gate_kernel, grid,
+           (pooled, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, out,
+            n, c, r, *pooled.stride(), *w1.stride(), *w2.stride(), *out.stride()),
+           dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT1=act1, ACT2=act2,
+                **tiles, num_warps=4, num_stages=1))
     if out is not dest:
         dest.copy_(out)
     return dest

@@ -1,0 +1,263 @@
+"""Cached Triton launches (cnnfuse.kernels.launch), on the CPU.
+
+The binder's argument order is checked against Triton's own binder on the project's kernels;
+the cache against a stand-in for Triton's launch (no GPU here): a compiled kernel whose
+launcher computes in Python, so a hit, a miss, a fallback and the CNNFUSE_CHECK_LAUNCH
+comparison are each observable. The GPU run (CNNFUSE_CHECK_LAUNCH=1) checks the real
+launcher bit for bit.
+"""
+import logging
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from cnnfuse.kernels import launch
+from cnnfuse.kernels.conv2d import _conv2d_kernel
+from cnnfuse.kernels.se_gate import _se_gate_kernel
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, factor, flag, BLOCK: tl.constexpr, MODE: tl.constexpr = 0):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * factor, mask=offs < n)
+
+
+def _jit(kernel) -> JITFunction:
+    """A new JITFunction of the kernel's body (also under TRITON_INTERPRET=1, which wraps it
+    otherwise), so no launch state carries over from another test."""
+    return JITFunction(kernel.fn)
+
+
+def _triton_binder(fn):
+    return create_function_from_signature(fn.signature, fn.params,
+                                          make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def _arguments(fn, dtype=torch.float16):
+    """Positional values for every non-constexpr parameter of fn (tensors for *_ptr, ints of
+    every specialisation class otherwise) and keyword values for its constexprs."""
+    ints = [1, 16, 3, 0, 48, 7, 2 ** 33, 1]
+    args, kwargs = [], {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            kwargs[p.name] = (True, 2, 64, ("leaky_relu", 0.25), "ieee")[i % 5]
+        elif p.name.endswith("_ptr"):
+            args.append(torch.empty(64, dtype=dtype)[i % 3:])
+        elif p.name == "pool_scale":
+            args.append(0.25)
+        else:
+            args.append(ints[i % len(ints)])
+    kwargs.update(num_warps=4, num_stages=2)
+    return tuple(args), kwargs
+
+
+@pytest.mark.parametrize("kernel", [_conv2d_kernel, _se_gate_kernel, _scale_kernel],
+                         ids=["conv2d", "se_gate", "scale"])
+def test_values_in_tritons_order(kernel):
+    fn = _jit(kernel)
+    args, kwargs = _arguments(fn)
+    bound, spec, options = _triton_binder(fn)(*args, **kwargs)
+    values = launch.bind_values(fn, args, kwargs)
+    bind = launch.make_binder(fn, tuple(map(type, values)))
+    key, ours = bind(*args, **kwargs)
+    assert len(ours) == len(bound) == len(fn.params)
+    assert all(a is b for a, b in zip(ours, bound.values())), "not Triton's order"
+    assert launch.cacheable(key[0], key)
+    # constexprs are in the values (the launcher skips them, as it does Triton's)
+    assert [v for v, p in zip(ours, fn.params) if p.is_constexpr] == \
+        [kwargs[p.name] for p in fn.params if p.is_constexpr]
+
+
+def test_defaults_are_applied():
+    fn = _jit(_scale_kernel)
+    x = torch.zeros(8)
+    args, kwargs = (x, x, 8, 2.0, True), dict(BLOCK=8)
+    values = launch.bind_values(fn, args, kwargs)
+    key, ours = launch.make_binder(fn, tuple(map(type, values)))(*args, **kwargs)
+    assert ours[-1] == 0 and tuple(_triton_binder(fn)(*args, **kwargs)[0].values()) == ours
+
+
+def _variants():
+    """(name, change) pairs: each makes Triton specialise differently."""
+    return {
+        "misaligned_pointer": lambda a: (a[0][1:],) + a[1:],
+        "pointer_dtype": lambda a: (a[0].float(),) + a[1:],
+        "int_to_one": lambda a: a[:2] + (1,) + a[3:],
+        "int_divisible_by_16": lambda a: a[:2] + (32,) + a[3:],
+        "int_past_int32": lambda a: a[:2] + (2 ** 31,) + a[3:],
+        "bool_for_int": lambda a: a[:2] + (True,) + a[3:],
+    }
+
+
+@pytest.mark.parametrize("change", list(_variants()))
+def test_key_is_finer_than_tritons(change):
+    fn = _jit(_scale_kernel)
+    x = torch.empty(64, dtype=torch.float16)
+    assert x.data_ptr() % 16 == 0
+    args, kwargs = (x, x, 5, 1.5, False), dict(BLOCK=16, num_warps=4)
+    other = _variants()[change](args)
+    tb = _triton_binder(fn)
+    assert tb(*args, **kwargs)[1] != tb(*other, **kwargs)[1], "not a specialisation change"
+    bind = launch.make_binder(fn, tuple(map(type, launch.bind_values(fn, args, kwargs))))
+    first, _ = bind(*args, **kwargs)
+    second, _ = bind(*other, **kwargs)
+    assert second is None or second != first
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: its launcher computes y = x * factor in Python
+    (or something else, to play a wrong launcher)."""
+
+    def __init__(self, log, wrong=False):
+        self.log, self.wrong = log, wrong
+        self.function, self.packed_metadata = "function", "metadata"
+
+    def launch_metadata(self, grid, stream, *values):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, metadata, launch_metadata, enter, leave,
+            *values):
+        assert (function, metadata, stream) == ("function", "metadata", 77)
+        self.log.append(("direct", (g0, g1, g2), values))
+        x, y, n, factor = values[:4]
+        y[:n] = x[:n] * factor + (1e-3 if self.wrong else 0)
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    """launch.plain replaced by a Python model of the kernel; the device and stream fixed."""
+    calls, device = [], [0]
+    compiled = _Compiled(calls)
+
+    def plain(kernel, grid, args, kwargs):
+        calls.append(("plain", grid, args))
+        x, y, n, factor = args[:4]
+        y[:n] = x[:n] * factor
+        return compiled
+    monkeypatch.setattr(launch, "plain", plain)
+    monkeypatch.setattr(launch, "_driver", [(lambda: device[0], lambda d: 77)])
+    monkeypatch.delenv("CNNFUSE_CHECK_LAUNCH", raising=False)
+    return calls, compiled, device
+
+
+def _call(fn, x, y, n=5, factor=2.0, cache=None, grid=(1,), **constexprs):
+    launch.launch(fn, grid, (x, y, n, factor, False), dict(BLOCK=16, num_warps=4, **constexprs),
+                  cache)
+
+
+def test_second_call_launches_directly_with_tritons_values(fake_triton):
+    calls, _, _ = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.full((8,), float("nan"))
+    _call(fn, x, y)
+    _call(fn, x, y, grid=(3, 2))
+    assert [c[0] for c in calls] == ["plain", "direct"]
+    assert calls[1][1] == (3, 2, 1)
+    assert calls[1][2] == tuple(_triton_binder(fn)(x, y, 5, 2.0, False, BLOCK=16,
+                                                   num_warps=4)[0].values())
+    assert torch.equal(y[:5], x[:5] * 2) and y[5:].isnan().all()
+
+
+@pytest.mark.parametrize("change", ["misaligned", "dtype", "int_one", "int_16", "float_value",
+                                    "constexpr", "option", "device", "other_cache"])
+def test_a_changed_call_misses(fake_triton, change):
+    calls, _, device = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(40), torch.empty(40)
+    _call(fn, x, y)
+    _call(fn, x, y)  # cached
+    args = dict(x=x, y=y)
+    extra = {}
+    if change == "misaligned":
+        args = dict(x=x[1:], y=y)
+    elif change == "dtype":
+        args = dict(x=x.double(), y=y.double())
+    elif change == "int_one":
+        args["n"] = 1
+    elif change == "int_16":
+        args["n"] = 16
+    elif change == "float_value":
+        args["factor"] = 3.0
+    elif change == "constexpr":
+        extra = dict(MODE=1)
+    elif change == "option":
+        launch.launch(fn, (1,), (x, y, 5, 2.0, False), dict(BLOCK=16, num_warps=8))
+    elif change == "device":
+        device[0] = 1
+    elif change == "other_cache":
+        args["cache"] = {}
+    if change != "option":
+        _call(fn, **args, **extra)
+    assert [c[0] for c in calls] == ["plain", "direct", "plain"]
+
+
+def test_the_cache_a_caller_passes_holds_its_entries(fake_triton):
+    calls, _, _ = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y, mine = torch.randn(8), torch.empty(8), {}
+    _call(fn, x, y, cache=mine)
+    _call(fn, x, y, cache=mine)
+    assert len(mine) == 1 and not getattr(fn, launch._STATE).cache
+    assert [c[0] for c in calls] == ["plain", "direct"]
+
+
+def test_plain_launch_where_the_fast_one_does_not_apply(fake_triton, monkeypatch, caplog):
+    calls, _, _ = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.empty(8)
+    for _ in range(2):
+        _call(fn, x, y, grid=lambda meta: (1,))  # a callable grid
+    from triton.runtime.interpreter import InterpretedFunction
+    interpreted = InterpretedFunction(_scale_kernel.fn)
+    for _ in range(2):
+        _call(interpreted, x, y)
+    for _ in range(2):  # a tuple holding a tensor: its identity would be the key
+        launch.launch(fn, (1,), (x, y, 5, 2.0, False), dict(BLOCK=16, MODE=(x,)))
+    assert [c[0] for c in calls] == ["plain"] * 6
+    unchecked = _jit(_se_gate_kernel)
+    monkeypatch.setattr(triton, "__version__", "3.5.0")
+    with caplog.at_level(logging.WARNING, logger="cnnfuse"):
+        for _ in range(2):
+            _call(unchecked, x, y)
+    assert [c[0] for c in calls[6:]] == ["plain"] * 2
+    assert "3.5.0" in caplog.text and "Triton's own launcher" in caplog.text
+
+
+def test_another_type_pattern_launches_plain_then_caches(fake_triton):
+    calls, _, _ = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.empty(8)
+    _call(fn, x, y)
+    _call(fn, x, y, n=True)  # bool where an int was
+    _call(fn, x, y, n=True)
+    _call(fn, x, y)
+    _call(fn, x, y, n=True)
+    assert [c[0] for c in calls] == ["plain", "plain", "direct", "direct", "direct"]
+
+
+def test_check_mode_compares_with_tritons_launch(fake_triton, monkeypatch):
+    calls, compiled, _ = fake_triton
+    monkeypatch.setenv("CNNFUSE_CHECK_LAUNCH", "1")
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.full((8,), float("nan"))
+    _call(fn, x, y)
+    _call(fn, x, y)  # direct on y, plain on a copy: equal
+    assert [c[0] for c in calls] == ["plain", "direct", "plain"]
+    copy = calls[2][2][1]
+    assert copy.data_ptr() != y.data_ptr() and copy.data_ptr() % 16 == y.data_ptr() % 16
+    compiled.wrong = True
+    with pytest.raises(RuntimeError, match="y_ptr"):
+        _call(fn, x, y)
+
+
+def test_scratch_copy_keeps_strides_and_alignment():
+    base = torch.randn(3, 40)
+    for t in (base[:, 1:30:2], base.t()[3:], base[1:, 5:]):
+        c = launch._scratch_copy(t)
+        assert c.stride() == t.stride() and torch.equal(c, t)
+        assert c.data_ptr() % 16 == t.data_ptr() % 16 and c.data_ptr() != t.data_ptr()
