@@ -24,7 +24,7 @@ from . import passes
 from .graph import FusionGraph
 from .modules import FusedConv2d
 from .modules.precision import fits
-from .passes import conv_bn_act, conv_subclasses, layout
+from .passes import conv_bn_act, conv_subclasses, functional_conv, layout
 from .reparam import deepcopy_model, take_effective_weights
 from .report import FusionReport
 from ..backend import warn_once
@@ -165,7 +165,24 @@ def _fuse(model: nn.Module, inplace: bool):
 
 
 def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+    """Whether the module holds a Conv2d or calls F.conv2d itself (on its own parameters, or
+    on data): such a call is a conv site too, which the trace takes or explain lists."""
+    return (any(isinstance(m, nn.Conv2d) for m in module.modules())
+            or any(_calls_conv2d(m) for m in module.modules()))
+
+
+def _calls_conv2d(module: nn.Module) -> bool:
+    """Whether the module's own forward (a class outside torch.nn) traces to an F.conv2d
+    call; a forward FX cannot trace is taken as not calling it."""
+    if type(module).__module__.startswith("torch.") or isinstance(
+            module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _defaulted_arguments(
+                module):
+        return False
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # FX raises many types for data-dependent Python
+        return False
+    return any(functional_conv.conv_args(node) is not None for node in graph.nodes)
 
 
 def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Module:

@@ -2,6 +2,7 @@
 (conv sites with the functional convs the trace saw, BatchNorms, activations), and every site
 left alone is listed with its reason, the modules the traced forward never runs included."""
 import pytest
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -99,3 +100,34 @@ def test_report_keeps_the_conv_line_first():
     report = explain(nn.Sequential(nn.Conv2d(3, 4, 3)))
     assert str(report).splitlines()[0] == "cnnfuse: 1/1 conv sites fused (100.0%)"
     assert report.coverage == 1.0 and report.conv_fused == report.conv_sites == 1
+
+
+class _OwnConv(nn.Module):
+    """A module with no Conv2d child that calls F.conv2d on its own weight."""
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, padding=1)
+
+
+class _DataConv(nn.Module):
+    """A module with no parameters that convolves its input with a slice of itself."""
+    def forward(self, x):
+        return F.conv2d(x, x[:2, :, :1, :1])
+
+
+def test_functional_convs_in_conv_free_modules_are_counted():
+    """A Sequential is fused child by child: a child with no Conv2d of its own that calls
+    F.conv2d is still a conv site, fused when its weight is a parameter, listed when it is
+    computed from the input."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _OwnConv(), _DataConv())
+    report = explain(model)
+    assert report.conv_sites == 3 and report.conv_fused == 2, str(report)
+    assert any("computed from the input" in r for _, r in report.unfused), str(report)
+    x = torch.randn(2, 3, 5, 7)
+    with torch.no_grad():
+        want = model(x)
+        got = cnnfuse.fuse(model)(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
