@@ -10,13 +10,14 @@ import os
 import re
 import statistics
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from .backend import log, warn_once
 
 _progress = None  # a tqdm bar while `progress()` is active
+_observers: list = []  # lists that collect the picks made inside `observing()`
 
 # Picks from a file that travels with a model (cnnfuse.tune(save=), cnnfuse.use_picks,
 # CNNFUSE_PICKS), consulted before the cache; cnnfuse.tune reads and checks the file.
@@ -30,6 +31,29 @@ def cache_dir() -> Path:
 
 def enabled() -> bool:
     return os.environ.get("CNNFUSE_AUTOTUNE", "1") != "0"
+
+
+class Pick(NamedTuple):
+    """One answer of `Autotuner.pick`: final when the same key gets the same answer for as long
+    as `preset` is the same object, `recording` is None and CNNFUSE_AUTOTUNE is unchanged (a
+    pick made during a CUDA graph capture, or after every candidate failed, is not)."""
+    op: str
+    key: str
+    name: str
+    candidate: object  # what candidates[name] was
+    final: bool
+
+
+@contextlib.contextmanager
+def observing():
+    """Collect a `Pick` for every pick made inside the block (how a fused module's plan learns
+    which backend it may call directly from now on)."""
+    seen = []
+    _observers.append(seen)
+    try:
+        yield seen
+    finally:
+        _observers.remove(seen)
 
 
 @contextlib.contextmanager
@@ -71,6 +95,7 @@ class Autotuner:
     def __init__(self, op: str):
         self.op = op
         self._table: Optional[dict] = None
+        self._final = False  # whether the last _pick's answer is final (see Pick)
 
     def _path(self) -> Path:
         import triton
@@ -106,21 +131,31 @@ class Autotuner:
         if preset is None:
             from .tune import picks_from_environment
             preset = picks_from_environment()
-        chosen = preset.get(self.op, {}).get(key)
+        chosen, final = preset.get(self.op, {}).get(key), True
         if chosen not in candidates:
+            self._final = False
             chosen = self._pick(key, candidates, reference, tolerance, default)
+            final = self._final
         if recording is not None:
             recording.setdefault(self.op, {})[key] = chosen
+            final = False  # cnnfuse.tune must see every key a model asks for
+        for seen in _observers:
+            seen.append(Pick(self.op, key, chosen, candidates.get(chosen), final))
         return chosen
 
     def _pick(self, key: str, candidates: dict, reference: Callable[[], torch.Tensor],
               tolerance: float, default: str) -> str:
+        """The pick from the cache, the default or a search; sets self._final (see Pick)."""
         table = self._load()
         chosen = table.get(key, {}).get("best")
         if chosen in candidates:
+            self._final = True
             return chosen
-        if not enabled() or len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        if not enabled() or len(candidates) == 1:
+            self._final = True
             return default
+        if torch.cuda.is_current_stream_capturing():
+            return default  # tuned on the first call outside the capture
         expected = _tensors(reference())
         timings = {}
         for name, fn in candidates.items():
@@ -143,4 +178,5 @@ class Autotuner:
         log.info("cnnfuse: %s %s -> %s (%.4f ms)", self.op, key, best, timings[best])
         if _progress is not None:
             _progress.update(1)
+        self._final = True
         return best

@@ -12,29 +12,38 @@ tensor subclass) takes the op.
 
 Plans are small picklable objects holding geometry only, never tensors, so a copied or
 re-loaded module stays right.
+
+A plan on any backend but the reference resolves once: the CPU builds (the C++ kernels under
+CNNFUSE_BACKEND=cuda, the Triton interpreter) when it is made, a CUDA plan as soon as the
+autotuner's pick for it is final (`autotune.Pick`). From then on the plan calls the picked
+backend with its config directly, without the op implementation's backend lookup, candidate
+list and autotuner key; until then, and again whenever the picks could change (another
+`autotune.preset`, `cnnfuse.tune` recording, torch.backends.cudnn.allow_tf32 flipped), it
+calls the op's implementation and asks again.
 """
 import os
 
 import torch
 import torch.nn.functional as F
 
-from .. import ref
+from .. import autotune, ref
 from ..ref.activation import activate_
 from ..backend import ran
+from ._direct import DirectConv, DirectPair, op_module
 
 # The environment os.environ writes through (bytes keys on POSIX): read per call for a few
 # hundred ns where os.environ.get costs µs.
 _ENV = getattr(os.environ, "_data", None)
 if _ENV is not None and not all(isinstance(k, bytes) for k in list(_ENV)[:1]):
     _ENV = None
-_KEYS = (b"CNNFUSE_BACKEND", b"TRITON_INTERPRET")
+_KEYS = (b"CNNFUSE_BACKEND", b"TRITON_INTERPRET", b"CNNFUSE_AUTOTUNE")
 
 
 def environment() -> tuple:
     """The settings a plan was chosen under."""
     if _ENV is None:
         return tuple(os.environ.get(k.decode()) for k in _KEYS)
-    return _ENV.get(_KEYS[0]), _ENV.get(_KEYS[1])
+    return _ENV.get(_KEYS[0]), _ENV.get(_KEYS[1]), _ENV.get(_KEYS[2])
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -160,26 +169,45 @@ class ReferenceConv(_ConvGeometry):
 class OpImplConv(_ConvGeometry):
     """Every other backend: the op's implementation (`conv2d._run`: the autotuned pick, the
     Triton kernel, the C++ kernels) called directly, without the torch.library wrapper or the
-    argument checks the plan already made."""
-    __slots__ = ()
+    argument checks the plan already made; once the backend is known for good, that backend
+    itself (`direct`)."""
+    __slots__ = ("direct",)
+
+    def __init__(self, *geometry):
+        super().__init__(*geometry)
+        self.direct = None
+
+    def __getstate__(self):  # geometry only: a copy resolves again
+        return self.args
+
+    def __setstate__(self, args):
+        self.args, self.direct = args, None
 
     def __call__(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
                  dest=None, pool=None):
+        direct = self.direct
+        if direct is not None and direct.valid():
+            return direct(x, weight, bias, residual, input_scale, input_affine, dest, pool)
         from .conv2d import _run
         stride, pads, dilation, groups, activation, input_activation = self.args
-        y = _run(x, weight, bias, stride, pads, dilation, groups, activation, residual,
-                 (input_scale, input_affine, input_activation), dest, pool)
+        with autotune.observing() as picks:
+            y = _run(x, weight, bias, stride, pads, dilation, groups, activation, residual,
+                     (input_scale, input_affine, input_activation), dest, pool)
+        self.direct = DirectConv.from_pick(picks, x, weight, residual, self.args)
         return y
 
 
-def conv_backend(x: torch.Tensor, *geometry):
+def conv_backend(x: torch.Tensor, weight: torch.Tensor, *geometry):
     """The plan that computes a conv for inputs like x on the backend CNNFUSE_BACKEND asks for;
     geometry = (stride, padding (left, right, top, bottom), dilation, groups, activation,
     input_activation)."""
     from ..backend import requested_backend
     if x.device.type == "cpu" and requested_backend() in ("auto", "reference"):
         return (CpuConv if x.dtype == torch.float32 else ReferenceConv)(*geometry)
-    return OpImplConv(*geometry)
+    plan = OpImplConv(*geometry)
+    if x.device.type == "cpu":
+        plan.direct = DirectConv.for_cpu(x, weight, plan.args)
+    return plan
 
 
 class InWeightDtype:
@@ -225,7 +253,7 @@ def plan_conv2d(x, weight, bias, stride, padding, dilation, groups, activation, 
         input_affine, input_activation)
     if out is not None:
         _check.out_slice(out, x, shape, 0)
-    run = conv_backend(xc, stride, pads, dilation, groups, activation, input_activation)
+    run = conv_backend(xc, weight, stride, pads, dilation, groups, activation, input_activation)
     return InWeightDtype(run) if cast else run
 
 
@@ -252,23 +280,41 @@ class CpuSeparable:
 
 class OpImplPair:
     """separable_conv2d / pool_conv2d on any other backend: the op's implementation (`_run`)
-    with the checked arguments, no torch.library wrapper."""
-    __slots__ = ("op", "args")
+    with the checked arguments, no torch.library wrapper; once the backend is known for good
+    (as for OpImplConv), that backend itself."""
+    __slots__ = ("op", "args", "direct")
 
     def __init__(self, op: str, args: tuple):
-        self.op, self.args = op, args
+        self.op, self.args, self.direct = op, args, None
 
-    def __call__(self, x, *tensors, residual=None, dest=None):
+    def __getstate__(self):  # geometry only: a copy resolves again
+        return self.op, self.args
+
+    def __setstate__(self, state):
+        (self.op, self.args), self.direct = state, None
+
+    def _module(self):
+        return op_module(self.op)
+
+    def run_args(self, x, tensors, residual, dest) -> tuple:
+        """The arguments of the op's `_run` (and of its backends, after the config)."""
         if self.op == "separable_conv2d":  # dw_weight, dw_bias, weight, bias
-            from .separable_conv2d import _run
             dw_w, dw_b, w, b = tensors
             stride, pads, dilation, dw_act, act = self.args
-            return _run(x, dw_w, dw_b, stride, pads, dilation, dw_act, w, b,
-                                         act, residual, dest)
+            return x, dw_w, dw_b, stride, pads, dilation, dw_act, w, b, act, residual, dest
         w, b = tensors
         mode, kernel, stride, pads, act = self.args
-        from .pool_conv2d import _run
-        return _run(x, mode, kernel, stride, pads, w, b, act, residual, dest)
+        return x, mode, kernel, stride, pads, w, b, act, residual, dest
+
+    def __call__(self, x, *tensors, residual=None, dest=None):
+        args = self.run_args(x, tensors, residual, dest)
+        direct = self.direct
+        if direct is not None and direct.valid():
+            return direct(args)
+        with autotune.observing() as picks:
+            y = self._module()._run(*args)
+        self.direct = DirectPair.from_pick(picks, self.op, x)
+        return y
 
 
 def _cpu_fp32(x) -> bool:
@@ -290,7 +336,14 @@ def plan_separable(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding, d
     _, _, _, stride, pads, dilation, dw_act, _, _, act, _ = args
     if _cpu_fp32(x):
         return CpuSeparable(stride, pads, dilation, x.shape[1], dw_act, act)
-    return OpImplPair("separable_conv2d", (stride, pads, dilation, dw_act, act))
+    return _pair_plan("separable_conv2d", (stride, pads, dilation, dw_act, act), x)
+
+
+def _pair_plan(op: str, args: tuple, x) -> OpImplPair:
+    plan = OpImplPair(op, args)
+    if x.device.type == "cpu":
+        plan.direct = DirectPair.for_cpu(op, x)
+    return plan
 
 
 class CpuPoolConv:
@@ -330,7 +383,7 @@ def plan_pool_conv2d(x, weight, bias, mode, kernel_size, stride, padding, activa
     _, mode, kernel, stride, pads, _, _, act, _ = args
     if _cpu_fp32(x):
         return CpuPoolConv(mode, kernel, stride, pads, act)
-    return OpImplPair("pool_conv2d", (mode, kernel, stride, pads, act))
+    return _pair_plan("pool_conv2d", (mode, kernel, stride, pads, act), x)
 
 
 class CpuSeGate:

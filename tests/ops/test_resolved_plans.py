@@ -1,0 +1,242 @@
+"""Plans that resolve once (cnnfuse.ops._eager): a plan on a CPU build calls its backend
+directly from the first call; a CUDA plan does once the autotuner's pick for it is final, and
+goes back to the op's implementation whenever the picks could change.
+
+The CPU builds are exercised for real (the C++ kernels' CPU build, the Triton interpreter):
+the direct call gives the op implementation's bits. The CUDA resolution is exercised on the
+CPU with the op implementation replaced by one that asks a real Autotuner, so that a final
+pick, a non-final one and each invalidation are observable.
+"""
+import functools
+
+import pytest
+import torch
+
+from cnnfuse import autotune
+from cnnfuse import backend as cnnfuse_backend
+from cnnfuse._ext import _C
+from cnnfuse.models.modules import FusedConv2d, FusedPoolConv2d, FusedSeparableConv2d
+from cnnfuse.ops import _eager
+
+from ..util import needs_triton
+
+CL = torch.channels_last
+BUILDS = [pytest.param("cuda", marks=pytest.mark.skipif(_C is None, reason="_C not built")),
+          pytest.param("triton", marks=needs_triton)]
+
+
+def _conv(c=6, k=5, kernel=3, groups=1, activation="relu", residual=False, scale=False):
+    m = FusedConv2d(c, k, kernel, (1, 1), (kernel // 2,) * 4, groups=groups,
+                    activation=activation, has_residual=residual)
+    m.has_input_scale = scale
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    m.pack_weight()
+    return m
+
+
+def _plans(m):
+    return list(m.__dict__.get("_eager_plans", {}).values())
+
+
+def _run_op(m, x, residual=None, input_scale=None, dest=None, pool=None):
+    """The op implementation itself on the same arguments (what the plan must equal)."""
+    from cnnfuse.ops.conv2d import _run
+    return _run(x, m.weight, m.bias, list(m.stride), list(m.padding), list(m.dilation),
+                m.groups, m.activation, residual, (input_scale, None, "none"), dest, pool)
+
+
+CASES = {
+    "dense": dict(),
+    "depthwise": dict(c=6, k=6, groups=6),
+    "residual": dict(residual=True),
+    "input_scale": dict(scale=True),
+    "pooled": dict(pooled=True),
+    "into_slice": dict(into=True),
+}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_build_plan_calls_its_backend_directly(case, build, backend):
+    backend(build)
+    opts = dict(CASES[case])
+    pooled, into = opts.pop("pooled", False), opts.pop("into", False)
+    m = _conv(**opts)
+    m.returns_pooled = pooled
+    x = torch.randn(2, m.in_channels, 5, 7).contiguous(memory_format=CL)
+    r = torch.randn(2, m.out_channels, 5, 7).contiguous(memory_format=CL) if m.has_residual \
+        else None
+    s = torch.rand(2, m.in_channels) if m.has_input_scale else None
+    buf = torch.full((2, m.out_channels + 3, 5, 7), float("nan")).contiguous(memory_format=CL)
+    out = buf[:, 1:1 + m.out_channels] if into else None
+    with torch.no_grad():
+        with cnnfuse_backend.tracing() as trace:
+            got = m(x, r, s, out=out)
+        want_pool = torch.empty(2, m.out_channels) if pooled else None
+        want = _run_op(m, x, r, s, None, want_pool)
+    (plan,) = _plans(m)
+    assert isinstance(plan, _eager.OpImplConv) and plan.direct is not None
+    assert trace and ("CPU build" in trace[-1][1] or "interpreter" in trace[-1][1]), trace
+    if pooled:
+        got, got_pool = got
+        assert torch.equal(got_pool, want_pool)
+    if into:
+        assert got.data_ptr() == out.data_ptr() and buf[:, :1].isnan().all()
+        got = buf[:, 1:1 + m.out_channels]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("kind", ["separable", "pool"])
+def test_cpu_build_pair_plan_calls_its_backend_directly(kind, build, backend):
+    backend(build)
+    if kind == "separable":
+        m = FusedSeparableConv2d(_conv(6, 6, groups=6, activation="relu6"), _conv(6, 5, 1))
+    else:
+        m = FusedPoolConv2d("max", (3, 3), (1, 1), (1, 1), _conv(6, 5, 1))
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        first = m(x)
+        (plan,) = _plans(m)
+        assert plan.direct is not None
+        plan.direct = None  # the op implementation, as before the plan resolved
+        assert torch.equal(m(x), first)
+
+
+# --- CUDA resolution, with the op implementation asking a real Autotuner ----------------------
+
+class _PickingRun:
+    """Stands in for conv2d._run on a GPU: asks the autotuner for `key` among two candidates
+    (the CPU build's library conv under the name 'cudnn', a failing one), then runs the pick."""
+
+    def __init__(self, tuner):
+        self.tuner, self.calls = tuner, 0
+
+    def __call__(self, x, weight, bias, stride, padding, dilation, groups, activation,
+                 residual, prologue, dest, pool=None):
+        from cnnfuse.ops import conv2d as _
+        import sys
+        op = sys.modules["cnnfuse.ops.conv2d"]
+        self.calls += 1
+        lib = functools.partial(op._library_conv, x, weight, bias, stride, padding, dilation,
+                                groups, activation, residual, dest)
+        candidates = {"cudnn": lib, "never": lambda: pytest.fail("ran the other candidate")}
+        name = self.tuner.pick("k", candidates, reference=lib, tolerance=1e-2, default="cudnn")
+        return candidates[name]()
+
+
+@pytest.fixture
+def gpu_like(monkeypatch, backend):
+    """A plan that resolves like a CUDA one: made as OpImplConv with nothing resolved, its
+    op implementation asking a real Autotuner whose pick comes from `preset`."""
+    import sys
+    backend("cuda")
+    tuner = autotune.Autotuner("conv2d")
+    run = _PickingRun(tuner)
+    monkeypatch.setattr(sys.modules["cnnfuse.ops.conv2d"], "_run", run)
+    monkeypatch.setattr(autotune, "preset", {"conv2d": {"k": "cudnn"}})
+    monkeypatch.setattr(autotune, "recording", None)
+    if _C is None:
+        pytest.skip("_C not built")
+    m = _conv(residual=True)
+    plan = _eager.OpImplConv([1, 1], [1, 1, 1, 1], [1, 1], 1, "relu", "none")
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    r = torch.randn(2, 5, 5, 7).contiguous(memory_format=CL)
+
+    def call():
+        with torch.no_grad():
+            return plan(x, m.weight, m.bias, r)
+    return plan, run, call
+
+
+def test_a_final_pick_resolves_the_plan(gpu_like):
+    plan, run, call = gpu_like
+    first = call()
+    assert run.calls == 1 and plan.direct is not None and plan.direct.kind == "cudnn"
+    with cnnfuse_backend.tracing() as trace:
+        second = call()
+    assert run.calls == 1, "the resolved plan still called the op implementation"
+    assert trace == [("conv2d", "cuDNN + CUDA C++ bias_act")]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("change", ["preset", "recording", "tf32"])
+def test_a_resolved_plan_asks_again_when_the_picks_could_change(gpu_like, monkeypatch, change):
+    plan, run, call = gpu_like
+    call()
+    call()
+    assert run.calls == 1
+    if change == "preset":
+        monkeypatch.setattr(autotune, "preset", {"conv2d": {"k": "cudnn"}})
+    elif change == "recording":
+        monkeypatch.setattr(autotune, "recording", {})
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32",
+                            not torch.backends.cudnn.allow_tf32)
+    call()
+    assert run.calls == 2
+    if change == "recording":
+        assert autotune.recording == {"conv2d": {"k": "cudnn"}}  # tune saw the key
+        call()
+        assert run.calls == 3  # and keeps seeing it while it records
+
+
+def test_a_pick_that_is_not_final_leaves_the_plan_unresolved(gpu_like, monkeypatch):
+    plan, run, call = gpu_like
+    monkeypatch.setattr(autotune, "preset", {})
+    monkeypatch.setattr(autotune.Autotuner, "_load", lambda self: {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    call()
+    call()
+    assert run.calls == 2 and plan.direct is None
+
+
+def test_autotuner_says_which_picks_are_final(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNNFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "preset", {"conv2d": {"p": "a"}})
+    monkeypatch.setattr(autotune, "recording", None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tuner = autotune.Autotuner("conv2d")
+    tuner._table = {"t": {"best": "b"}}
+    cands = {"a": lambda: torch.ones(1), "b": lambda: torch.ones(1)}
+
+    def final(key, candidates=cands):
+        with autotune.observing() as seen:
+            tuner.pick(key, candidates, reference=lambda: torch.ones(1), tolerance=1e-3,
+                       default="a")
+        (pick,) = seen
+        assert pick.candidate is candidates[pick.name]
+        return pick.final
+    assert final("p") and final("t")  # the preset, the cache
+    assert final("one", {"a": cands["a"]})  # a single candidate
+    monkeypatch.setenv("CNNFUSE_AUTOTUNE", "0")
+    assert final("off")  # autotuning off: the default for as long as it stays off
+    monkeypatch.delenv("CNNFUSE_AUTOTUNE")
+    failing = {"a": lambda: torch.zeros(1), "b": lambda: torch.zeros(1)}
+    assert not final("all wrong", failing)  # every candidate off: not kept
+    monkeypatch.setattr(autotune, "recording", {})
+    assert not final("p")  # cnnfuse.tune must see every call
+    monkeypatch.setattr(autotune, "recording", None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not final("captured")
+
+
+def test_plans_pickle_without_their_resolved_backend(backend):
+    import copy
+    import pickle
+    if _C is None:
+        pytest.skip("_C not built")
+    backend("cuda")
+    m = _conv()
+    x = torch.randn(1, 6, 4, 4).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y = m(x)
+    (plan,) = _plans(m)
+    assert plan.direct is not None
+    restored = pickle.loads(pickle.dumps(plan))
+    assert restored.direct is None and restored.args == plan.args
+    clone = copy.deepcopy(m)
+    with torch.no_grad():
+        assert torch.equal(clone(x), y)
