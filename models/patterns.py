@@ -10,46 +10,168 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..ref.activation import canonical
+
 _ACT_MODULES = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-    nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid",
+    nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid", nn.SELU: "selu", nn.Mish: "mish",
+    nn.Tanh: "tanh",
+}
+# Modules with parameters: (activation, the attributes that are its parameters, in order).
+_ACT_MODULES_WITH_PARAMETERS = {
+    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)), nn.ELU: ("elu", ("alpha",)),
+    nn.CELU: ("celu", ("alpha",)), nn.Hardtanh: ("hardtanh", ("min_val", "max_val")),
+    nn.Softplus: ("softplus", ("beta", "threshold")),
 }
 _ACT_FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
     F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
 }
-_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+# Functional forms with parameters: function -> (activation, what follows the input in its
+# signature as (name, default)); "inplace" is a flag, not a parameter of the activation.
+_INPLACE_FLAG = ("inplace", False)
+_ACT_FUNCTIONS_WITH_PARAMETERS = {
+    F.leaky_relu: ("leaky_relu", (("negative_slope", 0.01), _INPLACE_FLAG)),
+    F.leaky_relu_: ("leaky_relu", (("negative_slope", 0.01),)),
+    F.elu: ("elu", (("alpha", 1.0), _INPLACE_FLAG)),
+    F.elu_: ("elu", (("alpha", 1.0),)),
+    F.celu: ("celu", (("alpha", 1.0), _INPLACE_FLAG)),
+    torch.celu: ("celu", (("alpha", 1.0),)),
+    torch.celu_: ("celu", (("alpha", 1.0),)),
+    F.selu: ("selu", (_INPLACE_FLAG,)),
+    torch.selu: ("selu", ()),
+    torch.selu_: ("selu", ()),
+    F.mish: ("mish", (_INPLACE_FLAG,)),
+    torch.tanh: ("tanh", ()),
+    F.tanh: ("tanh", ()),
+    torch.tanh_: ("tanh", ()),
+    F.hardtanh: ("hardtanh", (("min_val", -1.0), ("max_val", 1.0), _INPLACE_FLAG)),
+    F.hardtanh_: ("hardtanh", (("min_val", -1.0), ("max_val", 1.0))),
+    F.softplus: ("softplus", (("beta", 1.0), ("threshold", 20.0))),
+}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                "tanh": "tanh", "tanh_": "tanh"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
 
+@functools.cache
+def _timm_activations() -> dict:
+    """timm's activation modules whose forward is one of the table's functions (as read in
+    timm.layers.activations and activations_me): Swish x·sigmoid(x), Mish x·tanh(softplus(x)),
+    HardSwish x·relu6(x + 3)/6, HardSigmoid relu6(x + 3)/6, GELU, GELUTanh, Sigmoid, Tanh, and
+    the *Me (custom autograd) forms of the first four. HardMish and QuickGELU compute other
+    functions; timm's PReLU is nn.PReLU's (see _prelu_types)."""
+    try:
+        from timm.layers import activations as a
+    except ImportError:
+        return {}
+    table = {a.Swish: "silu", a.Mish: "mish", a.HardSwish: "hardswish",
+             a.HardSigmoid: "hardsigmoid", a.GELU: "gelu", a.GELUTanh: "gelu_tanh",
+             a.Sigmoid: "sigmoid", a.Tanh: "tanh"}
+    try:
+        from timm.layers import activations_me as me
+        table.update({me.SwishMe: "silu", me.MishMe: "mish", me.HardSwishMe: "hardswish",
+                      me.HardSigmoidMe: "hardsigmoid"})
+    except ImportError:
+        pass
+    return table
+
+
+@functools.cache
+def _prelu_types() -> tuple:
+    """nn.PReLU and timm's PReLU (whose forward is F.prelu(x, weight), nn.PReLU's own)."""
+    try:
+        from timm.layers.activations import PReLU
+        return (nn.PReLU, PReLU)
+    except ImportError:
+        return (nn.PReLU,)
+
+
+def _spelled(base: str, params) -> Optional[str]:
+    """The canonical spelling, or None where a value is not a number the formula takes."""
+    if not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in params):
+        return None
+    try:
+        return canonical(base, *params)
+    except ValueError:
+        return None
+
+
+def _prelu(m: nn.Module) -> Optional[str]:
+    """A PReLU with one weight a is leaky_relu(a) (PyTorch computes both as x > 0 ? x : a·x,
+    so they agree at 0 too); the weight is read now, at fuse time."""
+    if m.num_parameters != 1 or m.weight.numel() != 1:
+        return None
+    try:
+        a = float(m.weight.detach().reshape(()))
+    except (RuntimeError, NotImplementedError):  # a meta tensor has no value to read
+        return None
+    return _spelled("leaky_relu", (a,))
+
+
 def activation_of_module(m: nn.Module) -> Optional[str]:
-    if type(m) in _ACT_MODULES:
-        return _ACT_MODULES[type(m)]
-    if isinstance(m, nn.GELU):
-        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
-    if type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
-        return "relu6"
+    """The activation a module computes, in cnnfuse.ref.activation's canonical spelling, or
+    None. Exact types only: a subclass may have a forward of its own."""
+    t = type(m)
+    if t in _ACT_MODULES:
+        return _ACT_MODULES[t]
+    if t in _ACT_MODULES_WITH_PARAMETERS:
+        base, attrs = _ACT_MODULES_WITH_PARAMETERS[t]
+        return _spelled(base, [getattr(m, a) for a in attrs])
+    if t is nn.GELU:
+        return {"tanh": "gelu_tanh", "none": "gelu"}.get(m.approximate)
+    if t in _prelu_types():
+        return _prelu(m)
+    return _timm_activations().get(t)
+
+
+def unfused_activation_reason(m: nn.Module) -> Optional[str]:
+    """Why an activation module stays, where there is more to say than that no kernel
+    computes it (a PReLU with a weight per channel), else None."""
+    if type(m) in _prelu_types() and m.num_parameters != 1:
+        return (f"PReLU with {m.num_parameters} per-channel weights: the fused epilogues take "
+                "one slope (a PReLU with one weight fuses); kept")
     return None
 
 
+def _call_parameters(node: fx.Node, spec: tuple) -> Optional[list]:
+    """The values of a call's parameters after its input (defaults filled in), or None when
+    the call has arguments the spec does not name or a value not known at fuse time."""
+    names = [name for name, _ in spec]
+    if len(node.args) - 1 > len(spec) or set(node.kwargs) - set(names):
+        return None
+    values = dict(spec)
+    values.update(zip(names, node.args[1:]))
+    values.update(node.kwargs)
+    if any(isinstance(v, fx.Node) for v in values.values()):
+        return None
+    if "inplace" in values and not isinstance(values.pop("inplace"), bool):
+        return None
+    return [values[name] for name in names if name != "inplace"]
+
+
 def activation_of_node(node: fx.Node, modules: dict) -> Optional[str]:
-    """The activation a graph node applies to its first input, or None."""
+    """The activation a graph node applies to its first input (canonical spelling), or None.
+    Function and method forms count with their parameters given by position or keyword, in
+    place or not; a parameter that is a graph value (a tensor, a traced size) does not."""
     if node.op == "call_module":
         return activation_of_module(modules[node.target])
     if node.op == "call_function":
         if node.target in _ACT_FUNCTIONS:
             return _ACT_FUNCTIONS[node.target]
+        if node.target in _ACT_FUNCTIONS_WITH_PARAMETERS:
+            base, spec = _ACT_FUNCTIONS_WITH_PARAMETERS[node.target]
+            params = _call_parameters(node, spec)
+            return None if params is None else _spelled(base, params)
         if node.target is F.gelu:
-            return "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
-        if node.target is F.hardtanh:
-            lo, hi = (list(node.args[1:3]) + [node.kwargs.get("min_val", -1.0),
-                                                node.kwargs.get("max_val", 1.0)])[:2]
-            return "relu6" if (lo, hi) == (0.0, 6.0) else None
+            params = _call_parameters(node, (("approximate", "none"),))
+            return None if params is None else {"tanh": "gelu_tanh", "none": "gelu"}.get(
+                params[0] if isinstance(params[0], str) else None)
         return None
     if node.op == "call_method" and node.target in _ACT_METHODS:
-        return _ACT_METHODS[node.target] if len(node.args) == 1 else None
+        return _ACT_METHODS[node.target] if len(node.args) == 1 and not node.kwargs else None
     return None
 
 

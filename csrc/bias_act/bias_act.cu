@@ -14,7 +14,7 @@ namespace {
 template <typename T, typename B, int VEC>
 __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ bias,
                                 const T* __restrict__ res, const float* __restrict__ scale,
-                                T* __restrict__ out, BiasActShape s, int act) {
+                                T* __restrict__ out, BiasActShape s, ActParams act) {
   const int64_t groups = s.C / VEC;
   const int64_t total = s.N * s.H * s.W * groups;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
@@ -38,7 +38,7 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ b
                           n * s.scale_n + (c0 + j) * s.scale_c);
       if (bias) v += static_cast<float>(bias[c0 + j]);
       if (rp) v += static_cast<float>(rv.v[j]);
-      ov.v[j] = static_cast<T>(activate(v, act));
+      ov.v[j] = static_cast<T>(activate(v, act.code, act.p0, act.p1));
     }
     T* op = out + n * s.out.n + h * s.out.h + w * s.out.w + c0 * s.out.c;
     if constexpr (VEC > 1) {
@@ -51,7 +51,7 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const B* __restrict__ b
 
 template <typename T, typename B, int VEC>
 void launch(const at::Tensor& x, const B* bias, const c10::optional<at::Tensor>& residual,
-            const float* scale, const at::Tensor& out, const BiasActShape& s, int act) {
+            const float* scale, const at::Tensor& out, const BiasActShape& s, ActParams act) {
   const int64_t total = s.N * s.H * s.W * (s.C / VEC);
   if (total == 0) return;
   const int threads = 256;
@@ -65,7 +65,7 @@ void launch(const at::Tensor& x, const B* bias, const c10::optional<at::Tensor>&
 
 template <typename T, typename B>
 void dispatch_vec(const at::Tensor& x, const B* bias, const c10::optional<at::Tensor>& residual,
-                  const float* scale, const at::Tensor& out, const BiasActShape& s, int act) {
+                  const float* scale, const at::Tensor& out, const BiasActShape& s, ActParams act) {
   constexpr int kVec = 16 / sizeof(T);
   const bool wide = s.C % kVec == 0 && rows_aligned(x, 16) && rows_aligned(out, 16) &&
                     (!residual || rows_aligned(*residual, 16));
@@ -75,12 +75,13 @@ void dispatch_vec(const at::Tensor& x, const B* bias, const c10::optional<at::Te
 
 void bias_act_cuda_impl(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                         const c10::optional<at::Tensor>& residual, int64_t activation,
-                        const at::Tensor& out, const c10::optional<at::Tensor>& scale) {
+                        const at::Tensor& out, const c10::optional<at::Tensor>& scale,
+                        double act_p0, double act_p1) {
   check_bias_act(x, bias, residual, activation, out, scale);
   TORCH_CHECK_VALUE(x.is_cuda(), "bias_act: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const BiasActShape shape = bias_act_shape(x, residual, out, scale);
-  const int act = static_cast<int>(activation);
+  const ActParams act{static_cast<int>(activation), float(act_p0), float(act_p1)};
   const float* sc = scale ? scale->const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
     if (!bias) dispatch_vec<scalar_t, scalar_t>(x, nullptr, residual, sc, out, shape, act);

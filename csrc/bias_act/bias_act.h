@@ -22,6 +22,12 @@ void check_bias_act(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& residual, int64_t activation,
                     const at::Tensor& out, const c10::optional<at::Tensor>& scale);
 
+// The activation of one call: its code and parameters (csrc/common/activation.h).
+struct ActParams {
+  int code;
+  float p0, p1;
+};
+
 BiasActShape bias_act_shape(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                             const at::Tensor& out, const c10::optional<at::Tensor>& scale);
 

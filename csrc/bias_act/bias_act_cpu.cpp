@@ -52,7 +52,7 @@ namespace {
 
 template <typename T, typename B>
 void run_cpu(const T* x, const B* bias, const T* res, const float* scale, T* out,
-             const BiasActShape& s, int act) {
+             const BiasActShape& s, ActParams act) {
   at::parallel_for(0, s.N * s.H * s.W, 64, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t w = p % s.W, h = (p / s.W) % s.H, n = p / (s.W * s.H);
@@ -64,7 +64,7 @@ void run_cpu(const T* x, const B* bias, const T* res, const float* scale, T* out
                             n * s.scale_n + c * s.scale_c);
         if (bias) v += static_cast<float>(bias[c]);
         if (rp) v += static_cast<float>(rp[c * s.res.c]);
-        op[c * s.out.c] = static_cast<T>(activate(v, act));
+        op[c * s.out.c] = static_cast<T>(activate(v, act.code, act.p0, act.p1));
       }
     }
   });
@@ -72,15 +72,17 @@ void run_cpu(const T* x, const B* bias, const T* res, const float* scale, T* out
 
 void bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& residual, int64_t activation,
-                  const at::Tensor& out, const c10::optional<at::Tensor>& scale) {
+                  const at::Tensor& out, const c10::optional<at::Tensor>& scale, double act_p0,
+                  double act_p1) {
   check_bias_act(x, bias, residual, activation, out, scale);
+  const ActParams act{static_cast<int>(activation), float(act_p0), float(act_p1)};
   const BiasActShape shape = bias_act_shape(x, residual, out, scale);
   const float* scale_ptr = scale ? scale->const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act", [&] {
     const scalar_t* res = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     auto go = [&](auto* b) {
       run_cpu(x.const_data_ptr<scalar_t>(), b, res, scale_ptr, out.mutable_data_ptr<scalar_t>(),
-              shape, static_cast<int>(activation));
+              shape, act);
     };
     if (!bias) go(static_cast<const scalar_t*>(nullptr));
     else if (bias->scalar_type() == at::kFloat) go(bias->const_data_ptr<float>());

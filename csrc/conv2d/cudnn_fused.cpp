@@ -36,6 +36,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../common/activation.h"
+
 namespace cnnfuse {
 namespace {
 
@@ -49,19 +51,10 @@ using PwMode = fe::PointwiseMode_t;
 // Fixed UIDs so execute() can bind pointers without keeping Tensor_attributes.
 enum : int64_t { kUidX = 1, kUidW, kUidBias, kUidRes, kUidY };
 
-// Activation codes shared with the Python side.
-enum Activation : int64_t {
-  kNone = 0,
-  kRelu = 1,
-  kRelu6 = 2,
-  kSilu = 3,
-  kHardswish = 4,
-  kHardsigmoid = 5,
-  kSigmoid = 6,
-  kGelu = 7,
-  kGeluTanh = 8,
-  kNumActivations
-};
+// The activations this graph builds: codes kNone..kGeluTanh of ../common/activation.h. The
+// parametrised ones after them have no graph here; conv2d's backend choice
+// (CUDNN_FUSED_CODES in pyext/ops/conv2d.py) never sends them.
+constexpr int64_t kCudnnActivations = kGeluTanh + 1;
 
 fe::DataType_t fe_dtype(at::ScalarType t) {
   switch (t) {
@@ -160,7 +153,7 @@ TensorPtr apply_activation(Graph& g, const TensorPtr& v, int64_t act) {
     case kSigmoid: return pointwise(g, v, PwMode::SIGMOID_FWD);
     case kGelu: return pointwise(g, v, PwMode::GELU_FWD);  // erf form
     case kGeluTanh: return pointwise(g, v, PwMode::GELU_APPROX_TANH_FWD);
-    default: TORCH_CHECK(false, "cudnn_fused: unknown activation code ", act);
+    default: TORCH_CHECK_VALUE(false, "cudnn_fused: activation code ", act, " has no cuDNN graph");
   }
   return v;
 }
@@ -274,7 +267,8 @@ at::Tensor conv2d_cudnn(const at::Tensor& x, const at::Tensor& weight,
               "cudnn_fused: stride/dilation need 2 ints, padding 4 (left, right, top, bottom)");
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && dilation[0] > 0 && dilation[1] > 0,
               "cudnn_fused: stride and dilation must be positive");
-  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "cudnn_fused: unknown activation code ", activation);
+  TORCH_CHECK_VALUE(activation >= 0 && activation < kCudnnActivations, "cudnn_fused: activation code ",
+                    activation, " has no cuDNN graph (codes 0 to ", kCudnnActivations - 1, " only)");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "cudnn_fused: weight dtype must match x");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
                   weight.is_contiguous(at::MemoryFormat::ChannelsLast),

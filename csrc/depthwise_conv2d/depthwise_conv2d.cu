@@ -46,9 +46,10 @@ void depthwise_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
                            const c10::optional<at::Tensor>& residual, const at::Tensor& out,
-                           const c10::optional<at::Tensor>& pool) {
-  const DwParams p = dw_params(x, weight, bias, stride, padding, dilation, activation, residual,
-                               out);
+                           const c10::optional<at::Tensor>& pool, double act_p0,
+                           double act_p1) {
+  const DwParams p = dw_params(x, weight, bias, stride, padding, dilation, activation, act_p0,
+                               act_p1, residual, out);
   TORCH_CHECK_VALUE(x.is_cuda(), "depthwise_conv2d: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool wide = dw_wide(x, weight, residual, out);

@@ -31,6 +31,7 @@ namespace cnnfuse {
 struct DwParams {
   int64_t N, C, H, W, K, OH, OW;
   int kh, kw, sh, sw, dh, dw, pad_top, pad_left, mult, act;
+  float act_p0, act_p1;  // the activation's parameters (csrc/common/activation.h)
   bool bias_fp32;  // bias is float32 (else x's dtype)
   bool bias_wide;  // bias starts on a 16-byte boundary: read in 16-byte vectors
   float pool_scale;  // 1 / (OH · OW)
@@ -159,7 +160,7 @@ CNNFUSE_HD void dw_store(const DwParams& p, const DwOperands<T>& o, int64_t n, i
   Vec<T, VEC> v;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    v.v[j] = static_cast<T>(activate(acc[j], p.act));
+    v.v[j] = static_cast<T>(activate(acc[j], p.act, p.act_p0, p.act_p1));
     sum[j] += static_cast<float>(v.v[j]);
   }
   dw_store_vec<T, VEC>(o.out + n * p.out.n + oh * p.out.h + ow * p.out.w + k0 * p.out.c, v);
@@ -325,7 +326,8 @@ void dw_dispatch(const DwParams& p, bool wide, bool strips, Run&& run) {
 DwParams dw_params(const at::Tensor& x, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
-                   const c10::optional<at::Tensor>& residual, const at::Tensor& out);
+                   double act_p0, double act_p1, const c10::optional<at::Tensor>& residual,
+                   const at::Tensor& out);
 
 bool dw_wide(const at::Tensor& x, const at::Tensor& weight,
              const c10::optional<at::Tensor>& residual, const at::Tensor& out);

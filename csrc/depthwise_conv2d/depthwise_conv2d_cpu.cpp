@@ -9,7 +9,8 @@ namespace cnnfuse {
 DwParams dw_params(const at::Tensor& x, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
-                   const c10::optional<at::Tensor>& residual, const at::Tensor& out) {
+                   double act_p0, double act_p1, const c10::optional<at::Tensor>& residual,
+                   const at::Tensor& out) {
   TORCH_CHECK_VALUE(x.dim() == 4, "depthwise_conv2d: x must be 4-D, got ", x.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == 1,
                     "depthwise_conv2d: weight must be (K, 1, KH, KW), got ", weight.sizes());
@@ -55,6 +56,7 @@ DwParams dw_params(const at::Tensor& x, const at::Tensor& weight,
   p.dh = int(dilation[0]), p.dw = int(dilation[1]);
   p.pad_top = int(padding[2]), p.pad_left = int(padding[0]);
   p.mult = int(K / C), p.act = int(activation);
+  p.act_p0 = float(act_p0), p.act_p1 = float(act_p1);
   p.bias_fp32 = bias && bias->scalar_type() == at::kFloat;
   p.bias_wide = bias && reinterpret_cast<uintptr_t>(bias->const_data_ptr()) % 16 == 0;
   p.pool_scale = 1.f / float(OH * OW);
@@ -100,9 +102,9 @@ void depthwise_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
                           const c10::optional<at::Tensor>& residual, const at::Tensor& out,
-                          const c10::optional<at::Tensor>& pool) {
-  const DwParams p = dw_params(x, weight, bias, stride, padding, dilation, activation, residual,
-                               out);
+                          const c10::optional<at::Tensor>& pool, double act_p0, double act_p1) {
+  const DwParams p = dw_params(x, weight, bias, stride, padding, dilation, activation, act_p0,
+                               act_p1, residual, out);
   const bool wide = dw_wide(x, weight, residual, out);
   float* pool_sums = dw_pool(pool, out);
   if (p.N * p.K * p.OH * p.OW == 0) return;  // nothing to compute (a zeroed pool stays so)

@@ -67,3 +67,13 @@ def out_slice(out, x: torch.Tensor, shape: Sequence[int], offset: int) -> torch.
         raise ValueError(f"out_channel_offset={offset!r} with {c} channels does not fit in "
                          f"out's {out.shape[1]} channels")
     return out.narrow(1, offset, c)
+
+
+def activation(name: str, value) -> None:
+    """An activation spelling cnnfuse.ref.activation accepts ("relu", "leaky_relu(0.2)", ...);
+    the error names the argument."""
+    from ..ref.activation import activation_args
+    try:
+        activation_args(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None

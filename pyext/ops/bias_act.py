@@ -17,17 +17,18 @@ from . import _check
 torch.library.define(
     "cnnfuse::bias_act",
     "(Tensor x, Tensor? bias, Tensor? residual, int activation, Tensor(a!) out, "
-    "Tensor? scale=None) -> ()")
+    "Tensor? scale=None, float act_p0=0.0, float act_p1=0.0) -> ()")
 
 
 @torch.library.register_fake("cnnfuse::bias_act")
-def _(x, bias, residual, activation, out, scale=None):
+def _(x, bias, residual, activation, out, scale=None, act_p0=0.0, act_p1=0.0):
     return None
 
 
-def _reference_impl(x, bias, residual, activation, out, scale=None):
+def _reference_impl(x, bias, residual, activation, out, scale=None, act_p0=0.0, act_p1=0.0):
     ran("bias_act", "reference")
-    out.copy_(ref.bias_act(x, bias, residual, ref.ACTIVATIONS[activation], scale))
+    out.copy_(ref.bias_act(x, bias, residual, ref.activation_name(activation, act_p0, act_p1),
+                           scale))
 
 
 # `_C` registers CPU and (when built with CUDA) CUDA kernels; the reference fills any gap.
@@ -39,7 +40,8 @@ for _key in ("CPU", "CUDA"):
 def bias_act_into(x, bias, residual, activation: str, dest: torch.Tensor, scale=None) -> None:
     """Internal entry for already-checked tensors; dest may be a channel-slice view, scale a
     float32 (N, C) tensor."""
-    torch.ops.cnnfuse.bias_act(x, bias, residual, ref.activation_code(activation), dest, scale)
+    code, p0, p1 = ref.activation_args(activation)
+    torch.ops.cnnfuse.bias_act(x, bias, residual, code, dest, scale, p0, p1)
 
 
 def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -49,10 +51,12 @@ def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None,
     """act(x · scale[:, :, None, None] + bias[None, :, None, None] + residual) for an
     (N, C, H, W) x, the product rounded to x's dtype; into `out`'s channels
     [out_channel_offset, +C) when given (then `out` is returned). scale: (N, C) in float32 or
-    x's dtype."""
+    x's dtype. activation: any cnnfuse.ref.activation spelling ("relu", "leaky_relu(0.2)", ...).
+
+    Raises TypeError / ValueError naming the argument at fault."""
     _check.tensor("x", x, 4)
     _check.floating("x", x)
-    ref.activation_code(activation)
+    _check.activation("activation", activation)
     _check.epilogue(x, bias, residual, x.shape)
     if scale is not None:
         _check.tensor("scale", scale, 2)

@@ -27,6 +27,9 @@ from .bias_act import bias_act_into
 from .depthwise_conv2d import depthwise_conv2d_into, is_depthwise
 
 _tuner = autotune.Autotuner("conv2d")
+# The activations the cuDNN frontend graph of csrc/conv2d/cudnn_fused.cpp builds (none to
+# gelu_tanh); a conv with any other runs on the other backends.
+CUDNN_FUSED_CODES = frozenset(range(ref.ACTIVATIONS.index("gelu_tanh") + 1))
 
 torch.library.define(
     "cnnfuse::conv2d_cudnn",
@@ -71,7 +74,7 @@ def plan(x, weight, bias, stride, padding, dilation, groups, activation, residua
     _check.floating("x", x)
     _check.same_dtype("weight", weight, x)
     _check.same_device("weight", weight, x)
-    ref.activation_code(activation)
+    _check.activation("activation", activation)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     n, c, h, w = x.shape
@@ -95,7 +98,7 @@ def plan(x, weight, bias, stride, padding, dilation, groups, activation, residua
         if tuple(input_scale.shape) != (n, c):
             raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}; x needs "
                              f"({n}, {c})")
-    ref.activation_code(input_activation)
+    _check.activation("input_activation", input_activation)
     if input_affine is not None:
         _check.tensor("input_affine", input_affine, 2)
         _check.same_dtype("input_affine", input_affine, x, also=(torch.float32,))
@@ -290,8 +293,8 @@ def _triton(config, x, weight, bias, stride, padding, dilation, groups, activati
     y = dest if dest is not None else _empty_out(x, weight, stride, padding, dilation)
     allow_tf32 = torch.backends.cudnn.allow_tf32
     return kernel.conv2d(x, weight, bias, residual, y, stride, padding, dilation,
-                         ref.activation_code(activation), config, allow_tf32, prologue[0],
-                         prologue[1], ref.activation_code(prologue[2]), pool)
+                         ref.activation_args(activation), config, allow_tf32, prologue[0],
+                         prologue[1], ref.activation_args(prologue[2]), pool)
 
 
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}
@@ -380,7 +383,7 @@ def _run(x, weight, bias, stride, padding, dilation, groups, activation, residua
     else:
         default = "cudnn"
     if backend in ("auto", "cuda"):
-        if has_cudnn_frontend():
+        if has_cudnn_frontend() and ref.activation_code(activation) in CUDNN_FUSED_CODES:
             candidates["cudnn_fused"] = separate(_cudnn_fused)
         candidates["cudnn"] = separate(_library_conv)
         if backend == "cuda" and not depthwise:

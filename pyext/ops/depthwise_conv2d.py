@@ -19,11 +19,13 @@ from . import _check
 torch.library.define(
     "cnnfuse::depthwise_conv2d",
     "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
-    "int activation, Tensor? residual, Tensor(a!) out, Tensor(b!)? pool=None) -> ()")
+    "int activation, Tensor? residual, Tensor(a!) out, Tensor(b!)? pool=None, "
+    "float act_p0=0.0, float act_p1=0.0) -> ()")
 
 
 @torch.library.register_fake("cnnfuse::depthwise_conv2d")
-def _(x, weight, bias, stride, padding, dilation, activation, residual, out, pool=None):
+def _(x, weight, bias, stride, padding, dilation, activation, residual, out, pool=None,
+      act_p0=0.0, act_p1=0.0):
     return None
 
 
@@ -34,10 +36,10 @@ def _(x, weight, bias, stride, padding, dilation, *rest, out_shape=None, **kwarg
 
 
 def _reference_impl(x, weight, bias, stride, padding, dilation, activation, residual, out,
-                    pool=None):
+                    pool=None, act_p0=0.0, act_p1=0.0):
     ran("depthwise_conv2d", "reference")
     out.copy_(ref.depthwise_conv2d(x, weight, bias, stride, padding, dilation,
-                                   ref.ACTIVATIONS[activation], residual))
+                                   ref.activation_name(activation, act_p0, act_p1), residual))
     if pool is not None:
         torch.mean(out, (2, 3), dtype=torch.float32, out=pool)
 
@@ -62,8 +64,9 @@ def depthwise_conv2d_into(x, weight, bias, stride, padding, dilation, activation
                           residual, dest: torch.Tensor, pool=None) -> torch.Tensor:
     """Internal entry for already-checked tensors; dest may be a channel-slice view, pool a
     contiguous (N, K) float32 tensor for mean_hw(dest)."""
-    torch.ops.cnnfuse.depthwise_conv2d(x, weight, bias, stride, padding, dilation,
-                                       ref.activation_code(activation), residual, dest, pool)
+    code, p0, p1 = ref.activation_args(activation)
+    torch.ops.cnnfuse.depthwise_conv2d(x, weight, bias, stride, padding, dilation, code,
+                                       residual, dest, pool, p0, p1)
     return dest
 
 

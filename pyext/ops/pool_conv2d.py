@@ -62,7 +62,7 @@ def check_args(x, weight, bias, mode, kernel_size, stride, padding, activation, 
     _check.same_device("weight", weight, x)
     if tuple(weight.shape[1:]) != (c, 1, 1):
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected (K, {c}, 1, 1)")
-    ref.activation_code(activation)
+    _check.activation("activation", activation)
     shape = (n, weight.shape[0], oh, ow)
     _check.epilogue(x, bias, residual, shape)
     return (x, mode, kernel, stride, pads, weight, bias, activation, residual), shape
@@ -139,7 +139,7 @@ def _triton(config, x, mode, kernel_size, stride, padding, weight, bias, activat
     from ..kernels import conv2d as kernel
     y = dest if dest is not None else _empty_out(x, kernel_size, stride, padding, weight)
     return kernel.pool_conv2d(x, mode, kernel_size, stride, padding, weight, bias, residual, y,
-                              ref.activation_code(activation), config,
+                              ref.activation_args(activation), config,
                               torch.backends.cudnn.allow_tf32)
 
 

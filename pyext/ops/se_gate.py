@@ -42,8 +42,8 @@ def _run(pooled, w1, b1, w2, b2, activation: str, gate_activation: str) -> torch
     ran("se_gate", "Triton" if pooled.device.type == "cuda" else "Triton (interpreter)")
     gate = torch.empty(pooled.shape, dtype=w1.dtype, device=pooled.device)
     with relaxed_capture():
-        return kernel(pooled, w1, b1, w2, b2, ref.activation_code(activation),
-                      ref.activation_code(gate_activation), gate)
+        return kernel(pooled, w1, b1, w2, b2, ref.activation_args(activation),
+                      ref.activation_args(gate_activation), gate)
 
 
 @_se_gate_op.register_fake
@@ -90,5 +90,5 @@ def check_args(pooled, w1, b1, w2, b2, activation: str, gate_activation: str) ->
     for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
         if t is not None:
             _check.same_device(name, t, pooled, "pooled")
-    ref.activation_code(activation)
-    ref.activation_code(gate_activation)
+    _check.activation("activation", activation)
+    _check.activation("gate_activation", gate_activation)

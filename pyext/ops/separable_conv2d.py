@@ -51,7 +51,7 @@ def check_args(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding, dw_di
     _check.same_device("weight", weight, x)
     if tuple(weight.shape[1:]) != (c, 1, 1):
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected (K, {c}, 1, 1)")
-    ref.activation_code(activation)
+    _check.activation("activation", activation)
     shape = (n, weight.shape[0], oh, ow)
     _check.epilogue(x, bias, residual, shape)
     return (x, dw_weight, dw_bias, stride, pads, dilation, dw_activation, weight, bias,
@@ -138,8 +138,8 @@ def _triton(config, x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, d
     y = dest if dest is not None else _empty_out(x, dw_weight, dw_stride, dw_padding,
                                                  dw_dilation, weight)
     return kernel.separable_conv2d(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation,
-                                   ref.activation_code(dw_activation), weight, bias, residual,
-                                   y, ref.activation_code(activation), config,
+                                   ref.activation_args(dw_activation), weight, bias, residual,
+                                   y, ref.activation_args(activation), config,
                                    torch.backends.cudnn.allow_tf32)
 
 

@@ -1,0 +1,338 @@
+"""The activation table (cnnfuse.ref.activation) and every backend that computes it: the
+reference and eager's in-place forms, the Triton conv epilogue and prologue and the SE gate
+(interpreted on the CPU), the C++ bias_act and depthwise kernels (CPU build) — each against
+PyTorch's own module in float64 on values at the kinks (0, thresholds, bounds)."""
+import math
+import re
+import timeit
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cnnfuse import ops, ref
+from cnnfuse.ops.conv2d import CUDNN_FUSED_CODES
+from cnnfuse.ref import activation as table
+
+from ..util import DTYPE_IDS, DTYPES, triton_runnable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every activation with its defaults, and the parametrised ones at other values: negative
+# and > 1 slopes (a PReLU weight may be either), small and large alphas, an asymmetric
+# hardtanh, softplus with other beta and threshold.
+NAMES = list(ref.ACTIVATIONS) + [
+    "leaky_relu(0.2)", "leaky_relu(-0.5)", "leaky_relu(1.5)", "elu(0.5)", "elu(2.0)",
+    "celu(0.7)", "celu(3.0)", "hardtanh(-2.0,0.5)", "softplus(2.0,5.0)", "softplus(0.5,1.0)",
+]
+
+
+def torch_module(name: str) -> nn.Module:
+    """PyTorch's own module for an activation spelling."""
+    code, a, b = ref.activation_args(name)
+    base = ref.ACTIVATIONS[code]
+    if base == "leaky_relu":  # as a PReLU with one weight: the same function
+        return nn.LeakyReLU(a) if a >= 0 else _prelu(a)
+    make = {
+        "none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
+        "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid,
+        "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "elu": lambda: nn.ELU(a), "celu": lambda: nn.CELU(a), "selu": nn.SELU,
+        "mish": nn.Mish, "tanh": nn.Tanh, "hardtanh": lambda: nn.Hardtanh(a, b),
+        "softplus": lambda: nn.Softplus(a, b),
+    }[base]
+    return make()
+
+
+def _prelu(a: float) -> nn.Module:
+    m = nn.PReLU(1)
+    with torch.no_grad():
+        m.weight.fill_(a)
+    return m
+
+
+def kinks(name: str) -> list:
+    """Where the activation's formula changes or loses precision most easily."""
+    code, a, b = ref.activation_args(name)
+    base = ref.ACTIVATIONS[code]
+    points = [0.0, 1.0, -1.0, 30.0, -30.0]
+    if base == "softplus":
+        points.append(b / a)  # where beta·x reaches the threshold
+    points += {"relu6": [6.0], "hardswish": [-3.0, 3.0], "hardsigmoid": [-3.0, 3.0],
+               "hardtanh": [a, b], "mish": [20.0], "tanh": [9.0, -9.0]}.get(base, [])
+    return points
+
+
+def kink_data(name: str, n: int = 2) -> torch.Tensor:
+    """(rows, 37) float64 values: each kink, just either side of it at several scales, and
+    at least n rows of random values; 37 is odd, so no vector width divides it."""
+    offsets = [0.0, 1e-6, -1e-6, 1e-3, -1e-3, 0.05, -0.05, 0.4, -0.4, 0.6, -0.6]
+    values = torch.tensor([k + o for k in kinks(name) for o in offsets], dtype=torch.float64)
+    g = torch.Generator().manual_seed(len(name))
+    extra = (-values.numel()) % 37 + n * 37
+    return torch.cat([values, torch.randn(extra, generator=g, dtype=torch.float64) * 4]).view(
+        -1, 37)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """The identity convs below pass x through exactly only with fp32 products (a GPU)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def assert_close_elementwise(ours, torch_same, ref64, dtype):
+    """|ours - ref64| <= 2 |torch_same - ref64| + eps(dtype) |ref64| + tiny, per element: a
+    formula that cancels (exp(x) - 1 near 0) fails even where values are small."""
+    eps = {torch.float32: 2e-6, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    tiny = {torch.float32: 1e-30, torch.float16: 2.0 ** -24, torch.bfloat16: 1e-30}[dtype]
+    ours, torch_same = ours.double(), torch_same.double()
+    bound = 2 * (torch_same - ref64).abs() + eps * ref64.abs() + tiny
+    bad = (ours - ref64).abs() > bound
+    assert not bad.any(), (
+        f"{int(bad.sum())} values off; first at x-index {int(bad.flatten().nonzero()[0])}: "
+        f"ours {ours.flatten()[bad.flatten()][0].item()!r}, "
+        f"fp64 {ref64.flatten()[bad.flatten()][0].item()!r}")
+
+
+# ------------------------------------------------------------------ the table itself
+
+def _enum_names(source: str, enum: str) -> list:
+    body = re.search(rf"enum {enum}[^{{]*{{(.*?)}};", source, re.S).group(1)
+    names = [e.split("=")[0].strip() for e in body.split(",") if e.strip()]
+    return [n for n in names if n != "kNumActivations"]
+
+
+def _snake(cpp: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", cpp[1:]).lower()
+
+
+def test_cpp_enum_follows_the_table():
+    source = (ROOT / "csrc/common/activation.h").read_text()
+    assert [_snake(n) for n in _enum_names(source, "Activation")] == list(ref.ACTIVATIONS)
+    switch = source[source.index("float activate("):]
+    for cpp in _enum_names(source, "Activation")[1:]:
+        assert f"case {cpp}:" in switch, f"activate() has no case for {cpp}"
+
+
+def test_triton_has_a_branch_per_code():
+    source = (ROOT / "kernels/activation.py").read_text()
+    codes = {int(c) for c in re.findall(r"CODE == (\d+):", source)}
+    assert codes == set(range(1, len(ref.ACTIVATIONS)))
+    from cnnfuse.kernels.activation import _PARAMETRISED
+    assert set(_PARAMETRISED) == {ref.ACTIVATIONS.index(n) for n in table.PARAMETERS}
+
+
+def test_every_activation_has_an_inplace_form_and_a_reference():
+    assert set(table._INPLACE) == set(ref.ACTIVATIONS)
+    assert len(table._REFERENCE) == len(ref.ACTIVATIONS)
+    assert set(table.PARAMETERS) <= set(ref.ACTIVATIONS)
+
+
+def test_cudnn_fused_builds_exactly_the_codes_it_is_sent():
+    source = (ROOT / "csrc/conv2d/cudnn_fused.cpp").read_text()
+    body = source[source.index("TensorPtr apply_activation("):]
+    body = body[:body.index("\n}\n")]
+    header = (ROOT / "csrc/common/activation.h").read_text()
+    enum = _enum_names(header, "Activation")
+    cases = {enum.index(c) for c in re.findall(r"case (k\w+):", body)}
+    assert cases == set(CUDNN_FUSED_CODES)
+
+
+# ------------------------------------------------------------------ spelling
+
+@pytest.mark.parametrize("spelled, canonical", [
+    ("relu", "relu"), ("leaky_relu", "leaky_relu(0.01)"), ("leaky_relu( 0.2 )", "leaky_relu(0.2)"),
+    ("leaky_relu(-0.0)", "leaky_relu(0.0)"), ("elu", "elu(1.0)"), ("elu(1)", "elu(1.0)"),
+    ("hardtanh", "hardtanh(-1.0,1.0)"), ("hardtanh(0,6)", "relu6"),
+    ("softplus", "softplus(1.0,20.0)"), ("softplus(2, 10)", "softplus(2.0,10.0)"),
+    ("leaky_relu(0.1)", "leaky_relu(0.1)"), ("selu", "selu"),
+])
+def test_canonical_spelling(spelled, canonical):
+    assert ref.canonical(spelled) == canonical
+    assert ref.canonical(canonical) == canonical
+    assert ref.activation_name(*ref.activation_args(spelled)) == canonical
+
+
+def test_canonical_from_parameters_is_exact():
+    assert ref.canonical("leaky_relu", 0.1) == "leaky_relu(0.1)"
+    slope = 0.1 + 0.2  # 0.30000000000000004: the spelling keeps every bit
+    assert ref.activation_args(ref.canonical("leaky_relu", slope))[1] == slope
+    assert ref.canonical("hardtanh", 0, 6) == "relu6"
+    assert ref.canonical("elu", 1) == ref.canonical("elu")
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ("swish", ValueError, "not supported"), ("leaky_relu(0.1,0.2)", ValueError, "1 parameter"),
+    ("relu(1)", ValueError, "0 parameter"), ("elu(a)", ValueError, "must be numbers"),
+    ("celu(0)", ValueError, "alpha must not be 0"), ("hardtanh(1,-1)", ValueError, "above"),
+    ("softplus(0,20)", ValueError, "beta"), ("leaky_relu(nan)", ValueError, "NaN"),
+    (3, TypeError, "must be a str"),
+])
+def test_bad_spellings(bad, error, match):
+    with pytest.raises(error, match=match):
+        ref.activation_args(bad)
+
+
+def test_op_errors_name_the_argument():
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="input_activation: .*swish"):
+        ops.conv2d(x, torch.randn(4, 4, 1, 1), input_affine=torch.ones(2, 4),
+                   input_activation="swish")
+    with pytest.raises(ValueError, match="activation: .*1 parameter"):
+        ops.bias_act(x, activation="elu(1,2)")
+
+
+def test_parsed_lookup_is_under_a_microsecond():
+    for name in ("leaky_relu(0.2)", "relu"):
+        ref.activation_args(name)
+        best = min(timeit.repeat(lambda: ref.activation_args(name), number=20000, repeat=5))
+        assert best / 20000 < 1e-6, f"{name}: {best / 20000 * 1e9:.0f} ns a lookup"
+
+
+# ------------------------------------------------------------------ reference and eager forms
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_is_pytorch(name):
+    x = kink_data(name)
+    module = torch_module(name).double()
+    torch.testing.assert_close(ref.apply_activation(x, name), module(x), rtol=1e-13,
+                               atol=1e-15)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inplace_forms_give_eager_bits(name):
+    x = kink_data(name).float()
+    y = x.clone()
+    out = table.activate_(y, name)
+    assert torch.equal(out, torch_module(name)(x))
+    if name not in ("none", "gelu", "gelu_tanh") and not name.startswith("softplus"):
+        assert out.data_ptr() == y.data_ptr()  # in place
+
+
+# ------------------------------------------------------------------ C++ kernels (CPU build)
+
+def _nchw(x2d: torch.Tensor, dtype) -> torch.Tensor:
+    """(rows, 37) values as a channels_last (1, 37, rows, 1) tensor."""
+    return x2d.t().reshape(1, 37, -1, 1).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_bias_act_cpp(name, dtype, backend):
+    backend("cuda")
+    x = _nchw(kink_data(name), dtype)
+    out = torch.full_like(x, float("nan"))
+    ops.bias_act(x, activation=name, out=out)
+    module = torch_module(name)
+    assert_close_elementwise(out, module(x.float()).to(dtype) if dtype != torch.float32
+                             else module(x), module.double()(x.double()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_depthwise_cpp(name, dtype, backend):
+    """A 1x1 depthwise conv of weight 1: the epilogue sees the kink values exactly."""
+    backend("cuda")
+    x = _nchw(kink_data(name), dtype)
+    w = torch.ones(37, 1, 1, 1, dtype=dtype)
+    out = torch.full_like(x, float("nan"))
+    ops.depthwise_conv2d(x, w, activation=name, out=out)
+    module = torch_module(name)
+    assert_close_elementwise(out, module(x.float()).to(dtype) if dtype != torch.float32
+                             else module(x), module.double()(x.double()), dtype)
+
+
+def test_depthwise_schema_takes_the_parameters():
+    x = _nchw(kink_data("elu(0.5)"), torch.float32)
+    code, p0, p1 = ref.activation_args("hardtanh(-0.5,0.25)")
+    out = torch.empty_like(x)
+    torch.ops.cnnfuse.depthwise_conv2d(x, torch.ones(37, 1, 1, 1), None, [1, 1], [0, 0, 0, 0],
+                                       [1, 1], code, None, out, None, p0, p1)
+    assert torch.equal(out, x.clamp(-0.5, 0.25))
+
+
+# ------------------------------------------------------------------ Triton (interpreter)
+
+needs_triton = pytest.mark.skipif(not triton_runnable(),
+                                  reason="Triton needs a GPU or TRITON_INTERPRET=1")
+
+
+def _eye_conv_inputs(name, dtype):
+    """x (1, 37, n, 1) of kink values and the identity 1x1 weight: conv(x) = x exactly."""
+    x = _nchw(kink_data(name), dtype)
+    w = torch.eye(37, dtype=dtype).view(37, 37, 1, 1).contiguous(
+        memory_format=torch.channels_last)
+    return x, w
+
+
+@needs_triton
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_conv_epilogue(name, backend):
+    backend("triton")
+    x, w = _eye_conv_inputs(name, torch.float32)
+    out = torch.full((1, 37, x.shape[2], 1), float("nan")).contiguous(
+        memory_format=torch.channels_last)
+    ops.conv2d(x, w, activation=name, out=out)
+    module = torch_module(name)
+    assert_close_elementwise(out, module(x), module.double()(x.double()), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_conv_prologue(name, backend):
+    """input_affine (scale 1, shift 0) then the activation as x loads."""
+    backend("triton")
+    x, w = _eye_conv_inputs(name, torch.float32)
+    affine = torch.stack([torch.ones(37), torch.zeros(37)])
+    y = ops.conv2d(x, w, input_affine=affine, input_activation=name)
+    module = torch_module(name)
+    assert_close_elementwise(y, module(x), module.double()(x.double()), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["leaky_relu(0.2)", "elu(0.5)", "hardtanh(-2.0,0.5)",
+                                  "softplus(2.0,5.0)", "mish", "tanh", "selu", "celu(0.7)"])
+def test_triton_fp16_epilogue(name, backend):
+    backend("triton")
+    x, w = _eye_conv_inputs(name, torch.float16)
+    y = ops.conv2d(x, w, activation=name)
+    module = torch_module(name)
+    assert_close_elementwise(y, module(x.float()).half(), module.double()(x.double()),
+                             torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", NAMES)
+def test_se_gate(name, backend):
+    """Both of the gate's activations; the identity FC layers pass the kink values through."""
+    backend("triton")
+    pooled = kink_data(name, n=1).float()  # (N, 37)
+    eye = torch.eye(37)
+    gate = ops.se_gate(pooled, eye, None, eye, None, activation="none", gate_activation=name)
+    module = torch_module(name)
+    assert_close_elementwise(gate, module(pooled), module.double()(pooled.double()),
+                             torch.float32)
+    h = ops.se_gate(pooled, eye, None, eye, None, activation=name, gate_activation="none")
+    assert_close_elementwise(h, module(pooled), module.double()(pooled.double()),
+                             torch.float32)
+
+
+def test_bare_code_of_a_parametrised_activation_is_refused():
+    from cnnfuse.kernels.activation import act_code
+    fn = getattr(act_code, "fn", act_code)
+    with pytest.raises(ValueError, match="needs the triple"):
+        fn(ref.activation_code("leaky_relu"))
+    assert fn(ref.activation_code("tanh")) == ref.activation_code("tanh")
+    assert fn(ref.activation_args("elu(0.5)")) == ref.activation_code("elu")
+
+
+def test_opcheck_parametrised_schemas():
+    x = _nchw(kink_data("elu(0.5)"), torch.float32)
+    code, p0, p1 = ref.activation_args("elu(0.5)")
+    torch.library.opcheck(torch.ops.cnnfuse.bias_act.default,
+                          (x, None, None, code, torch.empty_like(x), None, p0, p1))
+    torch.library.opcheck(torch.ops.cnnfuse.depthwise_conv2d.default,
+                          (x, torch.ones(37, 1, 1, 1), None, [1, 1], [0, 0, 0, 0], [1, 1],
+                           code, None, torch.empty_like(x), None, p0, p1))
+    assert math.isclose(p0, 0.5)
