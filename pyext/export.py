@@ -1,17 +1,30 @@
 """cnnfuse.export: a fused model as a torch.export program (.pt2), for torch.export.load,
-torch.compile and AOTInductor, with its batch dimension dynamic where the model allows."""
+torch.compile and AOTInductor, with its batch dimension dynamic where the model allows.
+
+Where the autotuner picked a Triton config for a conv on a CUDA tensor, the program calls
+cnnfuse::conv2d_triton (ops/triton_conv2d.py, a torch.library triton_op) with that config
+instead of the opaque cnnfuse::conv2d: torch.compile and AOTInductor then see the Triton
+kernel itself, and an AOTInductor package carries its compiled binary. Every other op stays
+a call by name, dispatched when the program runs."""
 import json
 import os
-from typing import Union
+import warnings
+from typing import Optional, Union
 
 import torch
 import torch.export
 from torch import nn
 
-from .backend import log
+from .backend import log, requested_backend
 from .tune import _as_inputs, current_picks, environment, with_batch
 
 PathLike = Union[str, os.PathLike]
+
+# torch.export.save says this of every tensor that is not contiguous in the default (NCHW)
+# sense, channels_last weights included, although it then stores the tensor's whole storage
+# and its strides, which is exact when the tensor covers that storage densely; _own_storage
+# makes every saved tensor do so.
+_PARTIAL_STORAGE_WARNING = "No complete tensor found in the group"
 
 
 def export(fused: nn.Module, example_inputs, path: PathLike, *,
@@ -25,6 +38,11 @@ def export(fused: nn.Module, example_inputs, path: PathLike, *,
     it needs cnnfuse imported, e.g. `torch.export.load(path).module()`, torch.compile on it,
     or torch._inductor.aoti_compile_and_package. Only load .pt2 files you trust:
     torch.export.load may unpickle (cnnfuse.save / cnnfuse.load never do).
+
+    Convs on CUDA tensors whose autotuner pick (from cnnfuse.tune on this model, a picks
+    file, the autotune cache, or CNNFUSE_BACKEND=triton's untimed default) is a Triton config
+    are written as cnnfuse::conv2d_triton calls at that config: the pick made for the
+    example's batch size serves every batch of the program, so tune at the batch you serve.
 
     Raises TypeError for a non-module or non-tensor inputs.
     """
@@ -45,7 +63,189 @@ def export(fused: nn.Module, example_inputs, path: PathLike, *,
                         type(exc).__name__)
     if program is None:
         program = torch.export.export(fused, inputs)
-    picks = {"format": "cnnfuse-picks", "version": 1, "environment": environment(),
-             "picks": current_picks()}
-    torch.export.save(program, path, extra_files={"cnnfuse_picks.json": json.dumps(picks)})
+    picks = current_picks()
+    for op, table in (fused.__dict__.get("_cnnfuse_picks") or {}).items():
+        picks[op] = {**picks.get(op, {}), **table}
+    use_triton_ops(program, inputs[0].shape[0], picks)
+    _own_storage(program)
+    doc = {"format": "cnnfuse-picks", "version": 1, "environment": environment(),
+           "picks": picks}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PARTIAL_STORAGE_WARNING)
+        torch.export.save(program, path, extra_files={"cnnfuse_picks.json": json.dumps(doc)})
     return program
+
+
+# ------------------------------------------------------------------- Triton picks as ops
+
+def use_triton_ops(program: "torch.export.ExportedProgram", batch: int,
+                   picks: Optional[dict] = None) -> int:
+    """Rewrite, in place, each cnnfuse::conv2d / conv2d_into / conv2d_pooled call of
+    `program` on CUDA tensors whose pick at batch size `batch` is a Triton config into the
+    matching cnnfuse::conv2d_triton* call at that config; returns how many were rewritten.
+    picks: {op: {autotuner key: candidate}} (default: this process's, see cnnfuse.tune)."""
+    from .ops.triton_conv2d import OPS, config_list
+    picks = current_picks() if picks is None else picks
+    sources = {getattr(torch.ops.cnnfuse, name).default: name for name in OPS}
+    cache, calls, rewritten = None, 0, 0
+    symbols = list(program.range_constraints)
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in sources:
+            continue
+        calls += 1
+        name = sources[node.target]
+        args = _named_args(node)
+        x = args["x"].meta["val"] if hasattr(args["x"], "meta") else None
+        if x is None or x.device.type != "cuda":
+            continue
+        if cache is None:
+            cache = _autotune_cache()
+        cfg = _triton_config(name, args, symbols, batch, picks, cache)
+        if cfg is None:
+            continue
+        tail = (args["out"], args["out_channel_offset"]) if name == "conv2d_into" else ()
+        node.target = OPS[name]
+        node.args = (tuple(args[a] for a in _SCHEMA_HEAD)
+                     + (config_list(cfg), bool(args["allow_tf32"])) + tail)
+        node.kwargs = {}
+        rewritten += 1
+    if rewritten:
+        program.graph_module.recompile()
+    if calls:
+        log.info("cnnfuse.export: %d of %d conv calls run the Triton kernel at their tuned "
+                 "config (visible to torch.compile and AOTInductor); the rest call the cnnfuse "
+                 "ops by name", rewritten, calls)
+    return rewritten
+
+
+_SCHEMA_HEAD = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "activation",
+                "residual", "input_scale", "input_affine", "input_activation")
+
+
+def _named_args(node) -> dict:
+    """The call's arguments by schema name, defaults filled in; allow_tf32 as it stands now
+    (the float32 dot's precision is part of the pick's key)."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value
+    out["allow_tf32"] = torch.backends.cudnn.allow_tf32
+    return out
+
+
+def _autotune_cache() -> dict:
+    """The conv autotuner's on-disk table for this GPU and these versions ({} without one)."""
+    if not torch.cuda.is_available():
+        return {}
+    from . import autotune
+    return autotune.Autotuner("conv2d")._load()
+
+
+def _concrete(value, symbols, batch):
+    """A meta tensor with value's shape, strides and dtype at batch size `batch` (value a fake
+    tensor of the trace, maybe with a symbolic batch); None stays None."""
+    if value is None:
+        return None
+    v = value.meta["val"]
+
+    def size(d):
+        if isinstance(d, int):
+            return d
+        return int(d.node.expr.xreplace({s: batch for s in symbols}))
+    return torch.empty_strided([size(d) for d in v.shape], [size(s) for s in v.stride()],
+                               dtype=v.dtype, device="meta")
+
+
+def _triton_config(name: str, args: dict, symbols, batch: int, picks: dict, cache: dict):
+    """The Triton config the conv autotuner would run for this call at `batch`, or None."""
+    from .kernels.conv2d_configs import Conv2dProblem, candidate_configs, default_config
+    from .ops.conv2d import _key
+    from .ops.depthwise_conv2d import is_depthwise
+    x, weight = _concrete(args["x"], symbols, batch), _concrete(args["weight"], symbols, batch)
+    bias, residual = (_concrete(args[k], symbols, batch) for k in ("bias", "residual"))
+    groups = args["groups"]
+    if is_depthwise(x, weight, groups):
+        return None  # the Triton conv is never a depthwise candidate
+    # the layouts ops.conv2d._run gives its arguments on CUDA before it names the call
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    dest = None
+    if name == "conv2d_into":
+        dest = _concrete(args["out"], symbols, batch).narrow(1, args["out_channel_offset"],
+                                                             weight.shape[0])
+    stride, padding, dilation = (list(args[k]) for k in ("stride", "padding", "dilation"))
+    affine = args["input_affine"] is not None
+    key = (_key(x, weight, bias, stride, padding, dilation, groups, args["activation"],
+                residual, dest)
+           + f" scale={args['input_scale'] is not None} "
+           f"affine={args['input_activation'] if affine else None}"
+           + (" pool" if name == "conv2d_pooled" else ""))
+    pick = picks.get("conv2d", {}).get(key) or cache.get(key, {}).get("best")
+    problem = Conv2dProblem.of_conv(tuple(x.shape), tuple(weight.shape), stride, padding,
+                                    dilation, groups)
+    if pick is None:
+        if requested_backend() != "triton":
+            return None
+        return default_config(problem, dtype=x.dtype)  # what the op runs untimed
+    if not pick.startswith("triton_"):
+        return None
+    for cfg in candidate_configs(problem, dtype=x.dtype) + [default_config(problem,
+                                                                            dtype=x.dtype)]:
+        if cfg.name == pick:
+            return cfg
+    log.warning("cnnfuse.export: the pick %s for %s is not a config of this cnnfuse; that "
+                "call stays cnnfuse::%s", pick, key, name)
+    return None
+
+
+# ------------------------------------------------------------------------- storage
+
+def _dense_over_storage(t: torch.Tensor) -> bool:
+    """t's elements fill its storage from its first byte to its last, once each."""
+    if t.storage_offset() != 0:
+        return False
+    dims = sorted((st, d) for st, d in zip(t.stride(), t.shape) if d != 1)
+    expected = 1
+    for st, d in dims:
+        if st != expected:
+            return False
+        expected *= d
+    return t.numel() * t.element_size() == t.untyped_storage().nbytes()
+
+
+def _own_storage(program: "torch.export.ExportedProgram") -> None:
+    """Give every weight and constant of `program` that shares or does not fill its storage a
+    storage of its own, with the same shape, strides, dtype and device, so that the .pt2
+    stores exactly its bytes. Tied tensors stay one tensor."""
+    copies = {}
+    for table in (program.state_dict, program.constants):
+        for name, t in list(table.items()):
+            if not isinstance(t, torch.Tensor) or _dense_over_storage(t) or \
+                    t.device.type == "meta" or _is_fake(t) or _overlapping(t):
+                continue  # an expanded tensor keeps its strides: the graph was traced so
+            if id(t) not in copies:
+                with torch.no_grad():
+                    own = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                              device=t.device)
+                    own.copy_(t)
+                if isinstance(t, nn.Parameter):
+                    own = nn.Parameter(own, requires_grad=t.requires_grad)
+                copies[id(t)] = own
+            table[name] = copies[id(t)]
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    return any(st == 0 and d > 1 for st, d in zip(t.stride(), t.shape))
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)

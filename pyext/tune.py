@@ -86,8 +86,10 @@ def with_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
         return t
     if t.shape[0] == 0:
         raise ValueError("example_inputs: an input with batch 0 cannot be resized")
-    rows = torch.arange(batch, device=t.device) % t.shape[0]
-    out = t.index_select(0, rows)
+    # rows i -> t[i % n] by tiling: ops on t alone, so a fake tensor (export on fake CUDA
+    # tensors) stays fake
+    tiles = -(-batch // t.shape[0])
+    out = t.repeat(tiles, *[1] * (t.dim() - 1)).narrow(0, 0, batch)
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
