@@ -28,6 +28,16 @@ class FusionGraph:
         """The module path `explain` names for a call_module node."""
         return self.prefix + node.target
 
+    def node_site(self, node: fx.Node) -> str:
+        """The site `explain` names for any node: a call_module's path, else the innermost
+        module whose forward made the node, with the node's name ("features.1 (add_10)")."""
+        if node.op == "call_module":
+            return self.site(node)
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next(reversed(stack.values()))[0] if stack else ""
+        inner = (self.prefix + path).rstrip(".")
+        return f"{inner} ({node.name})" if inner else node.name
+
     def module(self, node) -> Optional[nn.Module]:
         return self.modules.get(node.target) if node.op == "call_module" else None
 

@@ -8,7 +8,8 @@ slices; sibling merges last, so concat writers keep writing directly."""
 from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthrough,
                pool_conv2d, residual, separable, siblings, squeeze_excite)
 from . import (act_prologue, bn_act, branch_sum, cat_bn, channel_permutation, functional_conv,
-               leftover_act, same_padding, scalar_scale, unreached)
+               gated_product, leftover_act, leftover_elementwise, same_padding, scalar_scale,
+               unreached)
 from . import layout  # last: puts outputs back into eager's layout
 
 PIPELINE = (
@@ -20,6 +21,7 @@ PIPELINE = (
     cat_bn,
     branch_sum,
     scalar_scale,
+    gated_product,
     residual,
     squeeze_excite,
     input_bn,
@@ -31,6 +33,7 @@ PIPELINE = (
     act_prologue,
     bn_act,
     same_padding,
+    leftover_elementwise,
     leftover_bn,
     leftover_act,
     layout,

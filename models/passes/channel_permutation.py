@@ -60,6 +60,7 @@ def _collapse(g: FusionGraph) -> None:
             (groups, chain), source = found, node
         with g.graph.inserting_before(chain[-1]):
             perm = g.graph.call_function(interleave_channels, (source, groups, False))
+        perm.meta["nn_module_stack"] = chain[-1].meta.get("nn_module_stack", {})
         chain[-1].replace_all_uses_with(perm)
         shapes = [a for n in chain for a in n.all_input_nodes if a not in chain]
         for n in reversed(chain):
@@ -232,9 +233,12 @@ def _commute_add(g: FusionGraph, p) -> bool:
         with g.graph.inserting_before(add):
             q = g.graph.call_function(interleave_channels, (r, groups, not inverse))
         q.meta["cnnfuse_inverse"] = True  # (never moved back across the add)
+        q.meta["nn_module_stack"] = add.meta.get("nn_module_stack", {})
     with g.graph.inserting_before(add):
         total = g.graph.call_function(operator.add, (x, q))
         out = g.graph.call_function(interleave_channels, (total, groups, inverse))
+    out.meta["nn_module_stack"] = total.meta["nn_module_stack"] = add.meta.get(
+        "nn_module_stack", {})
     add.replace_all_uses_with(out)
     g.graph.erase_node(add)
     g.graph.erase_node(p)
@@ -263,4 +267,4 @@ def _site(g: FusionGraph, p) -> str:
     x = p.args[0]
     while _channel_step(g, x) or residual_operands(x):
         x = x.args[0]
-    return g.site(x) if x.op == "call_module" else f"{g.prefix}{p.name}"
+    return g.site(x) if x.op == "call_module" else g.node_site(p)

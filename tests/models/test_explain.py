@@ -131,3 +131,24 @@ def test_functional_convs_in_conv_free_modules_are_counted():
         want = model(x)
         got = cnnfuse.fuse(model)(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class _Eager(nn.Module):
+    """An add of two pooled tensors, a product of two convs' outputs that is no SE gate, a
+    bilinear up-sampling, and shape arithmetic (not listed)."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        h = x.shape[2] + x.shape[3]
+        p = F.max_pool2d(self.a(x), 2) + F.avg_pool2d(self.b(x), 2)
+        q = self.a(x[:, :, :h // 2]) * self.b(x[:, :, :h // 2])
+        return F.interpolate(p, scale_factor=2.0, mode="bilinear"), q
+
+
+def test_eager_elementwise_ops_are_listed():
+    reasons = [r for _, r in explain(_Eager()).unfused]
+    assert sum("add of two tensors runs eager" in r for r in reasons) == 1, reasons
+    assert sum("product of two tensors runs eager" in r for r in reasons) == 1, reasons
+    assert sum("bilinear up-sampling runs eager" in r for r in reasons) == 1, reasons
