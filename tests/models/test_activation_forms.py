@@ -31,7 +31,7 @@ def _prelu(weight: float) -> nn.PReLU:
 FORMS = [
     (nn.LeakyReLU(0.2), "leaky_relu(0.2)"), (nn.LeakyReLU(), "leaky_relu(0.01)"),
     (nn.LeakyReLU(0.3, inplace=True), "leaky_relu(0.3)"),
-    (_prelu(-0.4), "leaky_relu(-0.4)"), (_prelu(1.7), "leaky_relu(1.7)"),
+    (_prelu(-0.375), "leaky_relu(-0.375)"), (_prelu(1.75), "leaky_relu(1.75)"),
     (nn.ELU(0.5), "elu(0.5)"), (nn.ELU(inplace=True), "elu(1.0)"), (nn.CELU(2.0), "celu(2.0)"),
     (nn.SELU(), "selu"), (nn.SELU(inplace=True), "selu"), (nn.Mish(), "mish"),
     (nn.Tanh(), "tanh"), (nn.Hardtanh(-2.0, 0.5), "hardtanh(-2.0,0.5)"),
@@ -139,8 +139,11 @@ def test_prologue(act, name):
 def test_prelu_weight_is_read_at_fuse_time():
     model = ConvBnAct(_prelu(0.3))
     fused, _ = _compare(model, _data())
-    assert convs(fused)[0].activation == "leaky_relu(0.3)"
-    assert activation_of_module(_prelu(0.1 + 0.2)) == "leaky_relu(0.30000000000000004)"
+    # the float32 weight's exact value, spelled in full
+    assert convs(fused)[0].activation == "leaky_relu(0.30000001192092896)"
+    with torch.no_grad():
+        model.act.weight.fill_(0.5)  # a later change is not seen by the fused copy
+    assert convs(fused)[0].activation == "leaky_relu(0.30000001192092896)"
 
 
 class _Traced(nn.Module):
