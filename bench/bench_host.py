@@ -9,7 +9,14 @@ thread's CPU time per call, without synchronising the GPU inside a round (host t
 The models part times a whole forward of the small zoo models at 1×3×16×16, original in
 channels_last against fused, also as µs per conv of the original.
 
-    python bench/bench_host.py                  # CPU, 1 thread, the reference path
+On a GPU the same cases run in float16 (channels_last), each fused module on the backend
+its autotuned plan resolved to, and a launch part times one Triton kernel (the SE gate's)
+launched through Triton (`kernel[grid](...)`) against the cached launch of
+cnnfuse.kernels.launch. GPU calls are queued without waiting for the GPU (it synchronises
+only between rounds); a tiny shape keeps the queue from filling, so the clock sees host work.
+
+    python bench/bench_host.py                  # every device there is (CPU: 1 thread)
+    python bench/bench_host.py --device cpu     # CPU only: the reference path
     python bench/bench_host.py --device cuda    # a GPU's host time (Triton / C++ launches)
     pytest bench/bench_host.py --benchmark-only # the same cases as pytest-benchmark rows (GPU)
 
@@ -151,15 +158,47 @@ def prepare_op(name: str, device: str = "cpu", dtype=torch.float32):
     return (lambda: block(*args)), (lambda: module(*margs)), functional
 
 
+DTYPES = {"cpu": torch.float32, "cuda": torch.float16}  # what each device runs models in
+
+
 def bench_ops(device: str, calls: int, rounds: int) -> list:
     rows = []
     with torch.inference_mode():
         for name in cases()[0]:
-            eager, fused, functional = prepare_op(name, device)
+            eager, fused, functional = prepare_op(name, device, DTYPES[device])
             fns = [eager, fused] + ([functional] if functional else [])
             t = _median_us(fns, calls, rounds, device)
             rows.append((name, t[0], t[1], t[2] if functional else None))
     return rows
+
+
+def launch_calls() -> list:
+    """(what, call) pairs launching the SE gate kernel (a CUDA GPU) the same way: Triton's
+    launch and the cached one."""
+    import triton
+    from cnnfuse.kernels import launch as cached
+    from cnnfuse.kernels.se_gate import _se_gate_kernel, _tiles
+    n, c, r = 4, 64, 16
+    f16 = dict(device="cuda", dtype=torch.float16)
+    pooled, gate = torch.randn(n, c, device="cuda"), torch.empty(n, c, **f16)
+    w1, b1 = torch.randn(r, c, **f16), torch.randn(r, **f16)
+    w2, b2 = torch.randn(c, r, **f16), torch.randn(c, **f16)
+    tiles = _tiles(r)
+    grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
+    args = (pooled, w1, b1, w2, b2, gate, n, c, r, *pooled.stride(), *w1.stride(),
+            *w2.stride(), *gate.stride())
+    kwargs = dict(HAS_B1=True, HAS_B2=True, ACT1=1, ACT2=6, **tiles, num_warps=4,
+                  num_stages=1)
+    return [("Triton kernel[grid](...)", lambda: _se_gate_kernel[grid](*args, **kwargs)),
+            ("cnnfuse.kernels.launch", lambda: cached.launch(_se_gate_kernel, grid, args,
+                                                             kwargs))]
+
+
+def bench_launch(calls: int, rounds: int) -> list:
+    """(what, µs per launch) for launch_calls()."""
+    named = launch_calls()
+    return list(zip([w for w, _ in named], _median_us([f for _, f in named], calls, rounds,
+                                                      "cuda")))
 
 
 def bench_models(names, device: str, rounds: int) -> list:
@@ -167,8 +206,8 @@ def bench_models(names, device: str, rounds: int) -> list:
     rows = []
     with torch.inference_mode():
         for name in names:
-            net = zoo.build(name).to(device)
-            x = torch.randn(1, 3, 16, 16, device=device)
+            net = zoo.build(name).to(device=device, dtype=DTYPES[device])
+            x = torch.randn(1, 3, 16, 16, device=device, dtype=DTYPES[device])
             fused = cnnfuse.fuse(net)
             original = net.to(memory_format=torch.channels_last)
             xc = x.contiguous(memory_format=torch.channels_last)
@@ -178,9 +217,32 @@ def bench_models(names, device: str, rounds: int) -> list:
     return rows
 
 
+def report(device: str, args) -> None:
+    torch.set_num_threads(args.threads)
+    print(f"host time per call, {device} ({str(DTYPES[device])[6:]}), "
+          f"{torch.get_num_threads()} CPU thread(s), backend "
+          f"{cnnfuse.backend.requested_backend()}, medians of {args.rounds} rounds")
+    print(f"{'op':28s} {'eager µs':>9s} {'fused µs':>9s} {'ratio':>6s} {'ops.* µs':>9s}")
+    for name, eager, fused, functional in bench_ops(device, args.calls, args.rounds):
+        print(f"{name:28s} {eager:9.1f} {fused:9.1f} {fused / eager:6.2f} "
+              + (f"{functional:9.1f}" if functional is not None else f"{'':>9s}"))
+    if device == "cuda":
+        print(f"\n{'launch (SE gate kernel)':28s} {'µs':>9s}")
+        for what, us in bench_launch(args.calls, args.rounds):
+            print(f"{what:28s} {us:9.1f}")
+    names = SMALL_ZOO if args.models == "small" else [n for n in args.models.split(",") if n]
+    if names:
+        print(f"\n{'model 1x3x16x16':20s} {'convs':>5s} {'orig ms':>8s} {'fused ms':>8s} "
+              f"{'ratio':>6s} {'orig µs/conv':>12s} {'fused µs/conv':>13s}")
+        for name, convs, orig, fused in bench_models(names, device, args.rounds):
+            print(f"{name:20s} {convs:5d} {orig / 1e3:8.2f} {fused / 1e3:8.2f} "
+                  f"{fused / orig:6.2f} {orig / convs:12.1f} {fused / convs:13.1f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                        help="default: the CPU, then the GPU if there is one")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--calls", type=int, default=200, help="calls per round (ops)")
     parser.add_argument("--rounds", type=int, default=15)
@@ -188,32 +250,33 @@ def main(argv=None) -> None:
                         help="comma-separated zoo names ('' for none; 'small' for all of "
                              f"{', '.join(SMALL_ZOO)})")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"host time per call, {args.device}, {torch.get_num_threads()} thread(s), "
-          f"backend {cnnfuse.backend.requested_backend()}, medians of {args.rounds} rounds")
-    print(f"{'op':28s} {'eager µs':>9s} {'fused µs':>9s} {'ratio':>6s} {'ops.* µs':>9s}")
-    for name, eager, fused, functional in bench_ops(args.device, args.calls, args.rounds):
-        print(f"{name:28s} {eager:9.1f} {fused:9.1f} {fused / eager:6.2f} "
-              + (f"{functional:9.1f}" if functional is not None else f"{'':>9s}"))
-    names = SMALL_ZOO if args.models == "small" else [n for n in args.models.split(",") if n]
-    if names:
-        print(f"\n{'model 1x3x16x16':20s} {'convs':>5s} {'orig ms':>8s} {'fused ms':>8s} "
-              f"{'ratio':>6s} {'orig µs/conv':>12s} {'fused µs/conv':>13s}")
-        for name, convs, orig, fused in bench_models(names, args.device, args.rounds):
-            print(f"{name:20s} {convs:5d} {orig / 1e3:8.2f} {fused / 1e3:8.2f} "
-                  f"{fused / orig:6.2f} {orig / convs:12.1f} {fused / convs:13.1f}")
+    devices = [args.device] if args.device else ["cpu"] + (
+        ["cuda"] if torch.cuda.is_available() else [])
+    for i, device in enumerate(devices):
+        if i:
+            print()
+        report(device, args)
 
 
 # pytest-benchmark rows (bench/conftest.py runs them where a GPU is): host time per call.
 @pytest.mark.parametrize("provider", ["eager", "cnnfuse"])
 @pytest.mark.parametrize("case", list(cases()[0]))
 def test_host_op(case, provider, benchmark):
-    eager, fused, _ = prepare_op(case, "cuda")
+    eager, fused, _ = prepare_op(case, "cuda", DTYPES["cuda"])
     fn = eager if provider == "eager" else fused
     with torch.inference_mode():
         benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=20)
     torch.cuda.synchronize()
     benchmark.extra_info.update(case=case, provider=provider, what="host time per call")
+
+
+@pytest.mark.parametrize("how", ["triton", "cached"])
+def test_host_launch(how, benchmark):
+    """Host time of one Triton launch (the SE gate kernel): Triton's own, or the cached."""
+    fn = dict(zip(["triton", "cached"], [f for _, f in launch_calls()]))[how]
+    benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=20)
+    torch.cuda.synchronize()
+    benchmark.extra_info.update(how=how, what="host time per launch")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from cnnfuse.models.modules import (FusedConv2d, FusedPoolConv2d, FusedSeparable
                                     FusedSqueezeExcite)
 from cnnfuse.ops import _eager
 
-from ..util import assert_within_torch_error, needs_triton, relative_error
+from ..util import assert_within_torch_error, needs_triton, relative_error, triton_runnable
 
 CL = torch.channels_last
 BACKENDS = ["auto", "reference",
@@ -84,6 +84,44 @@ def test_conv_plan_is_not_reused_for_another_geometry(change, backend_name, back
     with torch.no_grad():  # and the first plan still serves its own signature
         assert torch.equal(m(first), y0)
     assert _nplans(m) == 2
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_conv_plan_is_not_reused_for_another_dtype(backend_name, backend):
+    backend(backend_name)
+    m = _conv(residual=True)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    r = torch.randn(2, 5, 5, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        m(x, r)
+        m.to(torch.bfloat16)
+        xb, rb = x.to(torch.bfloat16), r.to(torch.bfloat16)
+        y = m(xb, rb)
+    assert y.dtype == torch.bfloat16 and _nplans(m) == 2
+    assert_within_torch_error(y, *reversed(_expected(m, xb, rb)))
+
+
+def test_conv_plan_is_not_reused_for_another_device():
+    m = _conv()
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        m(x)
+        m.to("meta")
+        y = m(x.to("meta"))
+    assert y.device.type == "meta" and tuple(y.shape) == (2, 5, 5, 7) and _nplans(m) == 2
+
+
+def test_resolved_plans_are_used_on_the_cpu_builds(backend):
+    """The variants above run the resolved backend there, not the op implementation."""
+    for name in [b.values[0] if hasattr(b, "values") else b for b in BACKENDS[2:]]:
+        if (name == "cuda" and _C is None) or (name == "triton" and not triton_runnable()):
+            continue
+        backend(name)
+        m = _conv()
+        with torch.no_grad():
+            m(torch.randn(2, 6, 5, 7).contiguous(memory_format=CL))
+        (plan,) = m.__dict__["_eager_plans"].values()
+        assert plan.direct is not None, name
 
 
 def test_fast_path_gives_the_op_bits():
