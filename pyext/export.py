@@ -6,6 +6,7 @@ cnnfuse::conv2d_triton (ops/triton_conv2d.py, a torch.library triton_op) with th
 instead of the opaque cnnfuse::conv2d: torch.compile and AOTInductor then see the Triton
 kernel itself, and an AOTInductor package carries its compiled binary. Every other op stays
 a call by name, dispatched when the program runs."""
+import contextlib
 import json
 import os
 import warnings
@@ -44,11 +45,30 @@ def export(fused: nn.Module, example_inputs, path: PathLike, *,
     are written as cnnfuse::conv2d_triton calls at that config: the pick made for the
     example's batch size serves every batch of the program, so tune at the batch you serve.
 
+    The .pt2 stores each weight once, in its memory layout (channels_last stays so); a
+    parameter that is a view into a wider tensor is stored as a dense copy of its elements.
+
     Raises TypeError for a non-module or non-tensor inputs.
     """
     if not isinstance(fused, nn.Module):
         raise TypeError(f"fused must be a torch.nn.Module, got {type(fused).__name__}")
     inputs = _as_inputs(example_inputs)
+    with _dense_weights(fused):
+        program = _trace(fused, inputs, dynamic_batch)
+    picks = current_picks()
+    for op, table in (fused.__dict__.get("_cnnfuse_picks") or {}).items():
+        picks[op] = {**picks.get(op, {}), **table}
+    use_triton_ops(program, inputs[0].shape[0], picks)
+    _own_storage(program)
+    doc = {"format": "cnnfuse-picks", "version": 1, "environment": environment(),
+           "picks": picks}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PARTIAL_STORAGE_WARNING)
+        torch.export.save(program, path, extra_files={"cnnfuse_picks.json": json.dumps(doc)})
+    return program
+
+
+def _trace(fused: nn.Module, inputs: tuple, dynamic_batch: bool):
     program = None
     if dynamic_batch:
         batch = max(2, inputs[0].shape[0])
@@ -63,16 +83,6 @@ def export(fused: nn.Module, example_inputs, path: PathLike, *,
                         type(exc).__name__)
     if program is None:
         program = torch.export.export(fused, inputs)
-    picks = current_picks()
-    for op, table in (fused.__dict__.get("_cnnfuse_picks") or {}).items():
-        picks[op] = {**picks.get(op, {}), **table}
-    use_triton_ops(program, inputs[0].shape[0], picks)
-    _own_storage(program)
-    doc = {"format": "cnnfuse-picks", "version": 1, "environment": environment(),
-           "picks": picks}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PARTIAL_STORAGE_WARNING)
-        torch.export.save(program, path, extra_files={"cnnfuse_picks.json": json.dumps(doc)})
     return program
 
 
@@ -219,6 +229,33 @@ def _dense_over_storage(t: torch.Tensor) -> bool:
             return False
         expected *= d
     return t.numel() * t.element_size() == t.untyped_storage().nbytes()
+
+
+@contextlib.contextmanager
+def _dense_weights(fused: nn.Module):
+    """While the model is traced, each parameter or buffer that is a view with gaps, or a
+    part of a wider storage, is replaced by a dense copy in the same dim order (tied ones by
+    one copy): the program then holds, and the .pt2 stores, exactly its elements. The model
+    gets its own tensors back afterwards."""
+    copies, swapped = {}, []
+    for m in fused.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None or _dense_over_storage(t) or _is_fake(t) or _overlapping(t):
+                    continue
+                if id(t) not in copies:
+                    with torch.no_grad():
+                        own = t.detach().clone(memory_format=torch.preserve_format)
+                    if isinstance(t, nn.Parameter):
+                        own = nn.Parameter(own, requires_grad=t.requires_grad)
+                    copies[id(t)] = own
+                swapped.append((table, name, t))
+                table[name] = copies[id(t)]
+    try:
+        yield
+    finally:
+        for table, name, t in swapped:
+            table[name] = t
 
 
 def _own_storage(program: "torch.export.ExportedProgram") -> None:

@@ -5,6 +5,8 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -108,6 +110,40 @@ def test_static_export_and_bad_arguments(tmp_path):
         cnnfuse.export(fused, "an image", tmp_path / "m.pt2")
     with pytest.raises(TypeError, match="fused"):
         cnnfuse.export(Tiny, _x(2), tmp_path / "m.pt2")
+
+
+def test_every_weight_is_saved_once_in_its_layout_without_a_storage_warning(tmp_path):
+    """torch.export.save warns "No complete tensor found in the group" for every tensor that
+    is not contiguous in the NCHW sense (channels_last weights) or that shares a wider
+    storage: the program holds each weight in a storage of its own, which the .pt2 stores
+    exactly, and the warning is not shown."""
+    fused = _fused()
+    wide = torch.randn(5, 40)
+    fused.fc.weight = nn.Parameter(wide[:, 3:19])  # a view with gaps, into a wider storage
+    x = _x(3)
+    with torch.no_grad():
+        want = fused(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = cnnfuse.export(fused, _x(2), tmp_path / "m.pt2")
+    assert not [w for w in caught if "complete tensor" in str(w.message)], \
+        [str(w.message) for w in caught]
+    assert fused.fc.weight.data_ptr() == wide.data_ptr() + 3 * 4  # the model keeps its own
+    state = program.state_dict
+    for name, t in state.items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    assert state["c1.weight"].stride() == fused.c1.weight.stride() != \
+        fused.c1.weight.contiguous().stride()  # channels_last kept
+    with zipfile.ZipFile(tmp_path / "m.pt2") as zf:
+        stored = sum(i.file_size for i in zf.infolist() if "/data/weights/weight_" in
+                     i.filename)
+    assert stored == sum(t.numel() * t.element_size() for t in state.values())
+    loaded = torch.export.load(tmp_path / "m.pt2")
+    for name, t in state.items():
+        got = loaded.state_dict[name]
+        assert got.stride() == t.stride() and torch.equal(got, t), name
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(x), want)
 
 
 # fp32 rounding: Inductor generates its own kernels for the mean and the linear layer (the
