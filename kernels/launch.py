@@ -93,8 +93,15 @@ def make_binder(fn, classes: tuple):
     arglist = "".join(n + ", " if p.default is p.empty else f"{n}=_default_{n}, "
                       for n, p in zip(names, params))
     guard = " and ".join(f"{n}.__class__ is _class_{i}" for i, n in enumerate(names)) or "True"
-    parts = "".join(f"({n}.dtype, {n}.data_ptr() & 15), " if issubclass(c, torch.Tensor)
-                    else f"{n}, " for n, c in zip(names, classes))
+    def part(n, c):
+        if issubclass(c, torch.Tensor):
+            return f"({n}.dtype, {n}.data_ptr() & 15), "
+        if _is_descriptor(c):  # the launcher unpacks it: its base as a pointer, then the rest
+            return (f"({n}.base.dtype, {n}.base.data_ptr() & 15, tuple({n}.shape), "
+                    f"tuple({n}.strides), tuple({n}.block_shape), {n}.padding, "
+                    f"getattr({n}, 'round_f32_to_tf32', False)), ")
+        return f"{n}, "
+    parts = "".join(part(n, c) for n, c in zip(names, classes))
     source = (f"def bind({arglist}**options):\n"
               f"    values = ({''.join(n + ', ' for n in names)})\n"
               f"    if not ({guard}):\n"
@@ -105,6 +112,11 @@ def make_binder(fn, classes: tuple):
     namespace.update({f"_class_{i}": c for i, c in enumerate(classes)}, _classes=classes)
     exec(compile(source, f"<cnnfuse launch binder {fn.__name__}>", "exec"), namespace)
     return namespace["bind"]
+
+
+def _is_descriptor(cls) -> bool:
+    """A host-side TMA descriptor (triton.tools.tensor_descriptor.TensorDescriptor)."""
+    return cls.__name__ == "TensorDescriptor" and cls.__module__.startswith("triton.")
 
 
 def bind_values(fn, args: tuple, kwargs: dict) -> tuple:
@@ -125,7 +137,7 @@ def cacheable(classes: tuple, key) -> bool:
     """No argument in the key stands for itself by identity (a tensor inside a tuple, an
     object with a data_ptr that is not a tensor): such a key could match a call it does not
     fit."""
-    return all(issubclass(c, torch.Tensor) or _plain_value(part)
+    return all(issubclass(c, torch.Tensor) or _is_descriptor(c) or _plain_value(part)
                for c, part in zip(classes, key[1:-1])) and _plain_value(key[-1])
 
 
@@ -262,14 +274,20 @@ def _checked(entry, kernel, grid, args, kwargs, values, stream):
     """The cached launch on the caller's tensors, the plain one on copies; bit for bit equal
     or a RuntimeError naming the argument. Where two plain launches differ too (float atomics
     add in any order), that tensor is compared to within 1e-5 of its largest value instead."""
+    import dataclasses
     tensors = {}
     for name, v in zip(kernel.arg_names, values):
-        if isinstance(v, torch.Tensor) and id(v) not in tensors:
-            tensors[id(v)] = (name, v, _scratch_copy(v), _scratch_copy(v))
+        t = v.base if _is_descriptor(type(v)) else v
+        if isinstance(t, torch.Tensor) and id(t) not in tensors:
+            tensors[id(t)] = (name, t, _scratch_copy(t), _scratch_copy(t))
 
     def swapped(which):
         def swap(v):
-            return tensors[id(v)][which] if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                return tensors[id(v)][which]
+            if _is_descriptor(type(v)):
+                return dataclasses.replace(v, base=tensors[id(v.base)][which])
+            return v
         return tuple(map(swap, args)), {k: swap(v) for k, v in kwargs.items()}
     _direct(entry, grid, stream, values)
     plain(kernel, grid, *swapped(2))

@@ -261,3 +261,82 @@ def test_scratch_copy_keeps_strides_and_alignment():
         c = launch._scratch_copy(t)
         assert c.stride() == t.stride() and torch.equal(c, t)
         assert c.data_ptr() % 16 == t.data_ptr() % 16 and c.data_ptr() != t.data_ptr()
+
+
+def test_tma_descriptors_key_on_their_layout():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    fn = _jit(_scale_kernel)
+    base = torch.empty(64, 32, dtype=torch.float16)
+    desc = TensorDescriptor.from_tensor(base, [16, 16])
+    args, kwargs = (desc, base, 5, 1.0, False), dict(BLOCK=16)
+    bind = launch.make_binder(fn, tuple(map(type, launch.bind_values(fn, args, kwargs))))
+    key, values = bind(*args, **kwargs)
+    assert launch.cacheable(key[0], key)
+    assert tuple(_triton_binder(fn)(*args, **kwargs)[0].values()) == values
+    for other in (TensorDescriptor.from_tensor(base, [32, 16]),
+                  TensorDescriptor.from_tensor(base[:32], [16, 16]),
+                  TensorDescriptor.from_tensor(base.float(), [16, 16]),
+                  TensorDescriptor.from_tensor(torch.empty(64, 32, dtype=torch.float16),
+                                               [16, 16], padding="nan")):
+        assert bind(other, *args[1:], **kwargs)[0] != key
+
+
+# --- on a GPU: the real launcher ----------------------------------------------------------------
+
+def _se_gate_launch(n=5, c=40, r=12, dtype=torch.float16):
+    from cnnfuse.kernels.se_gate import _tiles
+    dev = dict(device="cuda", dtype=dtype)
+    pooled, gate = torch.randn(n, c, device="cuda"), torch.full((n, c), float("nan"), **dev)
+    w1, b1, w2, b2 = (torch.randn(r, c, **dev), torch.randn(r, **dev),
+                      torch.randn(c, r, **dev), torch.randn(c, **dev))
+    tiles = _tiles(r)
+    grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
+    args = (pooled, w1, b1, w2, b2, gate, n, c, r, *pooled.stride(), *w1.stride(),
+            *w2.stride(), *gate.stride())
+    kwargs = dict(HAS_B1=True, HAS_B2=True, ACT1=1, ACT2=6, **tiles, num_warps=4,
+                  num_stages=1)
+    return grid, args, kwargs, gate
+
+
+@pytest.mark.cuda
+def test_cached_launch_on_the_gpu_gives_tritons_bits(monkeypatch):
+    from cnnfuse.kernels.se_gate import _se_gate_kernel
+    grid, args, kwargs, gate = _se_gate_launch()
+    _se_gate_kernel[grid](*args, **kwargs)
+    want = gate.clone()
+    plain_calls = []
+    real_plain = launch.plain
+    monkeypatch.setattr(launch, "plain", lambda *a: plain_calls.append(1) or real_plain(*a))
+    cache = {}
+    for check in ("0", "1", "0"):
+        monkeypatch.setenv("CNNFUSE_CHECK_LAUNCH", check)
+        gate.fill_(float("nan"))
+        compiled = launch.launch(_se_gate_kernel, grid, args, kwargs, cache)
+        torch.cuda.synchronize()
+        assert compiled is not None and torch.equal(gate, want)
+    # the first call and the checked one went through Triton; the others launched directly
+    assert len(plain_calls) == 2 and len(cache) == 1
+    misaligned = torch.empty(gate.numel() + 1, dtype=gate.dtype, device="cuda")[1:].view(
+        gate.shape)
+    launch.launch(_se_gate_kernel, grid, args[:5] + (misaligned,) + args[6:], kwargs, cache)
+    torch.cuda.synchronize()
+    assert len(plain_calls) == 3 and len(cache) == 2 and torch.equal(misaligned, want)
+
+
+@pytest.mark.cuda
+def test_resolved_cuda_plan_gives_the_op_bits(monkeypatch, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+    from cnnfuse.models.modules import FusedConv2d
+    monkeypatch.setenv("CNNFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CNNFUSE_CHECK_LAUNCH", "1")
+    m = FusedConv2d(16, 32, 3, (1, 1), (1, 1, 1, 1), activation="relu").cuda().half()
+    x = torch.randn(2, 16, 9, 11, device="cuda", dtype=torch.half).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = m(x)
+        (plan,) = m.__dict__["_eager_plans"].values()
+        assert plan.direct is not None, "the autotuner's pick did not resolve the plan"
+        second = m(x)
+        with FlopCounterMode(display=False):
+            through_op = m(x)
+    assert torch.equal(first, second) and torch.equal(second, through_op)
