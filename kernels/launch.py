@@ -234,12 +234,20 @@ def launch(kernel, grid, args: tuple, kwargs: dict, cache: dict = None):
     return entry.kernel
 
 
+def _no_hook(hook) -> bool:
+    """None, or an empty HookChain (Triton 3.8's default): calling it does nothing."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
 def _direct(entry, grid, stream, values):
     enter, leave = _hooks()
+    if _no_hook(enter) and _no_hook(leave):  # the launcher skips None hooks (no metadata)
+        enter = leave = metadata = None
+    else:
+        metadata = entry.kernel.launch_metadata(grid, stream, *values)
     n = len(grid)
     entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream,
-              entry.function, entry.packed_metadata,
-              entry.kernel.launch_metadata(grid, stream, *values), enter, leave, *values)
+              entry.function, entry.packed_metadata, metadata, enter, leave, *values)
 
 
 def _first(kernel, grid, args, kwargs, cache, key):

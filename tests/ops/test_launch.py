@@ -118,12 +118,13 @@ class _Compiled:
         self.function, self.packed_metadata = "function", "metadata"
 
     def launch_metadata(self, grid, stream, *values):
-        return None
+        return ("metadata of", grid)
 
     def run(self, g0, g1, g2, stream, function, metadata, launch_metadata, enter, leave,
             *values):
         assert (function, metadata, stream) == ("function", "metadata", 77)
         self.log.append(("direct", (g0, g1, g2), values))
+        self.hooks = (launch_metadata, enter, leave)
         x, y, n, factor = values[:4]
         y[:n] = x[:n] * factor + (1e-3 if self.wrong else 0)
 
@@ -194,6 +195,27 @@ def test_a_changed_call_misses(fake_triton, change):
     if change != "option":
         _call(fn, **args, **extra)
     assert [c[0] for c in calls] == ["plain", "direct", "plain"]
+
+
+def test_launch_hooks_reach_the_launcher(fake_triton, monkeypatch):
+    from triton import knobs
+    _, compiled, _ = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.empty(8)
+    _call(fn, x, y)
+    _call(fn, x, y)
+    assert compiled.hooks == (None, None, None)  # no hook: nothing to call, no metadata
+
+    def profiler(metadata):
+        pass
+    enter = knobs.runtime.launch_enter_hook
+    if hasattr(enter, "calls"):  # a HookChain: its list swapped, the old one back after
+        monkeypatch.setattr(enter, "calls", [profiler])
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", profiler)
+    _call(fn, x, y, grid=(2,))
+    assert compiled.hooks[0] == ("metadata of", (2,))
+    assert compiled.hooks[1] is knobs.runtime.launch_enter_hook
 
 
 def test_the_cache_a_caller_passes_holds_its_entries(fake_triton):
