@@ -59,12 +59,13 @@ class DirectConv(_Resolved):
     @classmethod
     def from_pick(cls, picks, x, weight, residual, geometry):
         """The backend of the one final conv2d pick in `picks`, or None."""
-        if len(picks) != 1 or not picks[0].final or picks[0].op != "conv2d":
+        pick = _only_pick(picks, "conv2d")
+        if pick is None:
             return None
         from .conv2d import backend_label
-        name = picks[0].name
+        name = pick.name
         if name.startswith("triton_"):
-            config = _config_named(picks[0].candidate, name)
+            config = _config_named(pick.candidate, name)
             if config is None:
                 return None
             return cls("triton", config, backend_label(name), geometry, x, weight, residual,
@@ -123,6 +124,13 @@ class DirectConv(_Resolved):
         return y
 
 
+def _only_pick(picks, op: str):
+    """The one pick for `op` among those one call made, if it is final (the two-ops backend
+    of a pair makes picks of its own, for its convs)."""
+    mine = [p for p in picks if p.op == op]
+    return mine[0] if len(mine) == 1 and mine[0].final else None
+
+
 def _config_named(candidate, name: str):
     """The kernel config named `name` inside an autotuner candidate (a functools.partial of a
     Triton launcher, possibly wrapped in another), or None."""
@@ -150,14 +158,15 @@ class DirectPair(_Resolved):
     @classmethod
     def from_pick(cls, picks, op: str, x):
         """The backend of the one final pick for `op` in `picks`, or None."""
-        if len(picks) != 1 or not picks[0].final or picks[0].op != op:
+        pick = _only_pick(picks, op)
+        if pick is None:
             return None
         from .conv2d import backend_label
-        module, name = op_module(op), picks[0].name
+        module, name = op_module(op), pick.name
         if name == "two_ops":
             return cls(op, module._two_ops, backend_label(name), x, True)
         if name.startswith("triton_"):
-            config = _config_named(picks[0].candidate, name)
+            config = _config_named(pick.candidate, name)
             if config is not None:
                 return cls(op, functools.partial(module._triton, config),
                            backend_label(name), x, True)

@@ -240,3 +240,35 @@ def test_plans_pickle_without_their_resolved_backend(backend):
     clone = copy.deepcopy(m)
     with torch.no_grad():
         assert torch.equal(clone(x), y)
+
+
+def test_a_pair_resolves_on_its_own_pick_among_its_convs_picks(monkeypatch, backend):
+    """The two-ops backend of a pair asks the autotuner for its convs too: the pair's plan
+    resolves on the pair's own pick."""
+    import sys
+    if _C is None:
+        pytest.skip("_C not built")
+    backend("cuda")
+    module = sys.modules["cnnfuse.ops.pool_conv2d"]
+    calls = []
+
+    def picking_run(*args):
+        calls.append(args)
+        for op, name in (("conv2d", "cudnn"), ("pool_conv2d", "two_ops"), ("conv2d", "cudnn")):
+            autotune.Autotuner(op).pick("k", {name: None}, reference=None, tolerance=0,
+                                        default=name)
+        return module._two_ops(*args)
+    monkeypatch.setattr(module, "_run", picking_run)
+    monkeypatch.setattr(autotune.Autotuner, "_load", lambda self: {})  # no GPU to name
+    monkeypatch.setattr(autotune, "preset", {})
+    monkeypatch.setattr(autotune, "recording", None)
+    plan = _eager.OpImplPair("pool_conv2d", ("max", [3, 3], [1, 1], [1, 1, 1, 1], "relu"))
+    conv = _conv(6, 5, 1)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=CL)
+    with torch.no_grad():
+        first = plan(x, conv.weight, conv.bias)
+        assert plan.direct is not None and len(calls) == 1
+        with cnnfuse_backend.tracing() as trace:
+            second = plan(x, conv.weight, conv.bias)
+    assert len(calls) == 1 and trace[0] == ("pool_conv2d", "two ops")
+    assert torch.equal(first, second)
