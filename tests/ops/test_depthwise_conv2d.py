@@ -187,7 +187,7 @@ def test_opcheck():
     (dict(weight=torch.randn(16, 2, 3, 3)), ValueError, "x has 16 channels"),
     (dict(weight=torch.randn(24, 1, 3, 3).half()), TypeError, "weight has dtype"),
     (dict(bias=torch.randn(5)), ValueError, "bias has 5 elements"),
-    (dict(activation="mish"), ValueError, "activation='mish'"),
+    (dict(activation="swish"), ValueError, "activation='swish'"),
 ])
 def test_bad_input(bad, error, match):
     kw = dict(x=torch.randn(2, 16, 9, 9), weight=torch.randn(16, 1, 3, 3), bias=None, padding=1)
