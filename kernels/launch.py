@@ -33,10 +33,13 @@ import triton
 
 log = logging.getLogger("cnnfuse")
 
-# Versions whose JITFunction.run was read and whose launch convention the direct call repeats:
-# kernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata,
-# launch_enter_hook, launch_exit_hook, *bound_args.values()).
-VERIFIED_VERSIONS = ("3.6.", "3.8.")
+# Versions whose JITFunction.run launches as the direct call does: kernel.run(grid_0, grid_1,
+# grid_2, stream, function, packed_metadata, launch_metadata, knobs.runtime.launch_enter_hook,
+# knobs.runtime.launch_exit_hook, *bound_args.values()), every parameter's value, constexprs
+# included (the launcher skips them). Read: 3.8 as installed; 3.4, 3.5 and 3.6 as the
+# triton-runner project mirrors their run() per release. 3.2 and older passed only the
+# non-constexpr values and CompiledKernel's own hooks: not this call.
+VERIFIED_VERSIONS = ("3.4.", "3.5.", "3.6.", "3.8.")
 MAX_ENTRIES = 64  # per cache: a caller feeding ever new shapes starts over, not grows
 MAX_PATTERNS = 4  # binders per kernel (types of the arguments: a tensor or None, an int or a bool)
 
