@@ -242,12 +242,12 @@ def test_plain_launch_where_the_fast_one_does_not_apply(fake_triton, monkeypatch
         launch.launch(fn, (1,), (x, y, 5, 2.0, False), dict(BLOCK=16, MODE=(x,)))
     assert [c[0] for c in calls] == ["plain"] * 6
     unchecked = _jit(_se_gate_kernel)
-    monkeypatch.setattr(triton, "__version__", "3.5.0")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
     with caplog.at_level(logging.WARNING, logger="cnnfuse"):
         for _ in range(2):
             _call(unchecked, x, y)
     assert [c[0] for c in calls[6:]] == ["plain"] * 2
-    assert "3.5.0" in caplog.text and "Triton's own launcher" in caplog.text
+XX
 
 
 def test_another_type_pattern_launches_plain_then_caches(fake_triton):
