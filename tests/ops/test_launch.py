@@ -247,7 +247,7 @@ def test_plain_launch_where_the_fast_one_does_not_apply(fake_triton, monkeypatch
         for _ in range(2):
             _call(unchecked, x, y)
     assert [c[0] for c in calls[6:]] == ["plain"] * 2
-XX
+    assert "3.2.0" in caplog.text and "Triton's own launcher" in caplog.text
 
 
 def test_another_type_pattern_launches_plain_then_caches(fake_triton):
