@@ -10,8 +10,9 @@ launcher directly with the grid, the current stream and every parameter's value 
 kernel's declaration order, which is what `JITFunction.run` passes it.
 
 The key is finer than Triton's: each int or float argument by its exact value, each tensor by
-its dtype and its address modulo 16, every constexpr and launch option by value, the type of
-every argument, and the current device. A call that differs from a cached one in anything
+its dtype and its address modulo 16, a host-side TMA descriptor by its base's dtype and
+address modulo 16, its shape, strides, box and padding, every constexpr and launch option by
+value, the type of every argument, and the current device. A call that differs from a cached one in anything
 Triton specialises on therefore misses and is compiled (or found) by Triton itself; a cache
 held by a caller whose own key fixes shapes and strides (a fused module's plan) sees one
 entry per plan.
