@@ -3,7 +3,10 @@ reference and eager's in-place forms, the Triton conv epilogue and prologue and 
 (interpreted on the CPU), the C++ bias_act and depthwise kernels (CPU build) — each against
 PyTorch's own module in float64 on values at the kinks (0, thresholds, bounds)."""
 import math
+import os
 import re
+import subprocess
+import sys
 import timeit
 from pathlib import Path
 
@@ -334,3 +337,33 @@ def test_opcheck_parametrised_schemas():
                           (x, torch.ones(37, 1, 1, 1), None, [1, 1], [0, 0, 0, 0], [1, 1],
                            code, None, torch.empty_like(x), None, p0, p1))
     assert math.isclose(p0, 0.5)
+
+
+# ------------------------------------------------------------------ ahead of time, for sm_90
+
+AOT_SCRIPT = """
+import sys, torch
+from cnnfuse import ref
+from cnnfuse.kernels.conv2d import Conv2dConfig, Conv2dProblem, compile_for_shape
+p = Conv2dProblem(2, 32, 9, 9, 32, 3, 3, padding=(1, 1, 1, 1), input_affine=torch.float32,
+                  activation=ref.activation_args(sys.argv[1]),
+                  input_activation=ref.activation_args(sys.argv[2]))
+# one K split: the epilogue is in this kernel, not in a split-K sum
+print(compile_for_shape(p, Conv2dConfig(64, 32, 32, 4, 3), torch.float16).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("epilogue, prologue, immediates", [
+    ("leaky_relu(0.3)", "hardtanh(-2.0,0.5)", ("0f3E99999A", "0fC0000000", "0f3F000000")),
+])
+def test_parameters_specialise_the_compiled_kernel(epilogue, prologue, immediates):
+    """Compiled for sm_90 as a launch specialises it, each parameter is an immediate operand
+    of the PTX (0.3 is 0f3E99999A, -2 0fC0000000, 0.5 0f3F000000).
+    Compiling needs TRITON_INTERPRET unset, so it runs in a subprocess."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT, epilogue, prologue], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for imm in immediates:
+        assert imm in done.stdout, f"{imm} not in the PTX of {epilogue} / {prologue}"
