@@ -43,3 +43,4 @@ def test_fuse():
     assert report.fused["activation relu"] == 69
     assert report.fused["pool + 1x1 in one op"] == 8
     assert report.fused["conv writes its concat slice"] > 0
+    assert report.coverage == 1.0 and report.activations_absorbed == report.activation_sites

@@ -36,6 +36,8 @@ def test_fuse():
     result = check_seed(nin(num_classes=100), sizes=(64, 75), batch=2)
     assert result.report.fused["activation relu"] == 12
     assert result.batchnorms == 0
+    report = result.report
+    assert report.coverage == 1.0 and report.activations_absorbed == report.activation_sites
 
 
 def test_fuse_batch_norm():

@@ -88,17 +88,24 @@ def test_mask_branch_graph(depth):
 @pytest.mark.parametrize("make, batchnorms", [(attention56, 107), (attention92, 176)],
                          ids=["attention56", "attention92"])
 def test_fuse(make, batchnorms):
-    """What fuse does today: every conv fused, each sigmoid in its conv's epilogue, each
-    unit's residual add in its last conv; every BatchNorm folded or in a conv's load (the four
-    projecting units' pre-activation in the load of both conv1 and the shortcut) but the
-    head's, after the last residual add, which runs as one affine + ReLU pass. Still eager:
-    the (1 + M) * T product, the six interpolations and their skip adds."""
+    """Every conv fused, each sigmoid in its conv's epilogue, each unit's residual add in its
+    last conv, every activation absorbed; every BatchNorm folded or in a conv's load (the
+    four projecting units' pre-activation in the load of both conv1 and the shortcut) but the
+    head's, after the last residual add, which runs as one affine + ReLU pass. Each module's
+    (1 + M) * T is one pass (T + M * T). Listed as eager: the up-samplings, their skip adds."""
     result = check_seed(make(num_classes=100), sizes=(32, 35))
     report = result.report
+    modules = sum(isinstance(m, AttentionModule) for m in make().modules())
     assert result.batchnorms == batchnorms
-    assert result.folded >= batchnorms - 1, str(report)
-    assert report.fused["activation sigmoid"] == sum(
-        isinstance(m, AttentionModule) for m in make().modules())
+    assert result.folded == batchnorms - 1 and result.alone == 1, str(report)
+    assert report.activations_absorbed == report.activation_sites, str(report)
+    assert report.coverage == 1.0, str(report)
+    assert report.fused["activation sigmoid"] == modules
+    assert report.fused["(1 + mask) * trunk in one pass"] == modules, str(report)
+    reasons = [r for _, r in report.unfused]
+    depths = [len(m.down) for m in make().modules() if isinstance(m, AttentionModule)]
+    assert sum("up-sampling runs eager" in r for r in reasons) == sum(depths), str(report)
+    assert sum("add of two tensors" in r for r in reasons) == sum(d - 1 for d in depths)
 
 
 def test_preactivation_read_by_two_convs():

@@ -1,7 +1,8 @@
 """Coverage on the models that use the other conv kinds (weight-standardised, TF 'same'
-padding, mixed, pre-activation, re-parametrisable branches) and a model whose eval forward
-skips modules: fused output against the unfused model's (randomised BatchNorm statistics),
-BatchNorms folded, every conv in a fused module, and explain listing whatever is left."""
+padding, mixed, pre-activation, re-parametrisable branches, dense and dual-path
+connectivity) and a model whose eval forward skips modules: fused output against the unfused
+model's (randomised BatchNorm statistics), BatchNorms folded, every conv in a fused module,
+the coverage figures per model, and explain listing whatever is left."""
 import pytest
 import torch
 from torch import nn
@@ -24,6 +25,25 @@ MODELS = {
     "resnetv2_50": (64, 0.95, ["batchnorm + act in the load of several convs"]),
     "repvgg_a0": (64, 0.95, ["parallel branches summed into one conv"]),
     "googlenet": (64, 0.95, []),
+    "densenet121": (64, 0.95, ["dense block in one buffer"]),
+    "dpn68": (64, 0.95, ["batchnorm + act in conv's load"]),
+}
+
+# name: (BatchNorms gone, of all; convs fused, of all conv sites; activations absorbed, of
+# all, or None where another kernel's activation is still missing). What is left: the last
+# BatchNorm after a residual add or concatenation (one affine + activation pass), GoogLeNet's
+# training-only aux classifiers (listed as never run).
+FIGURES = {
+    "nf_resnet26": ((0, 0), (29, 29), (25, 25)),
+    "nf_regnet_b0": ((0, 0), (86, 86), (81, 81)),
+    "tf_mobilenetv3_large_100": ((46, 46), (63, 63), (48, 48)),
+    "mixnet_s": ((49, 49), (123, 123), (59, 59)),
+    "cspresnet50": ((55, 55), (55, 55), None),
+    "resnetv2_50": ((48, 49), (54, 54), (49, 49)),
+    "repvgg_a0": ((61, 61), (44, 44), (22, 22)),
+    "googlenet": ((57, 59), (57, 59), (57, 57)),
+    "densenet121": ((120, 121), (120, 120), (121, 121)),
+    "dpn68": ((71, 72), (72, 72), (72, 72)),
 }
 
 
@@ -31,6 +51,8 @@ def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "googlenet":
         model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    elif name == "densenet121":
+        model = torchvision.models.densenet121(weights=None)
     else:
         model = timm.create_model(name, pretrained=False)
     return randomize_batchnorm(model).eval()
@@ -68,6 +90,11 @@ def test_coverage(name):
         assert report.fused[key] > 0, f"{key!r} missing\n{text}"
     # Every activation absorbed, but cspresnet50's LeakyReLU, which no kernel computes yet:
     # each of those listed as such.
+    bns, convs, acts = FIGURES[name]
+    assert (report.bn_folded, report.batchnorms) == bns, text
+    assert (report.conv_fused, report.conv_sites) == convs, text
+    if acts is not None:
+        assert (report.activations_absorbed, report.activation_sites) == acts, text
     left = [r for _, r in report.unfused if "activation yet" in r]
     if name == "cspresnet50":
         assert len(left) == report.activation_sites > 0, text
