@@ -16,8 +16,9 @@ launch, so the kernel in a package is the one that was tuned. Under tracing the 
 symbolic: the kernel's batch argument, the grid and the split-K workspace follow it, and the
 choice of 64-bit indexing (a constexpr) is made for the largest batch the program accepts.
 
-On CPU tensors the op computes the fp32 reference (the op's specification), or, under
-TRITON_INTERPRET=1, runs the same launch in Triton's interpreter.
+On CPU tensors the op computes the fp32 reference (the op's specification), or, with
+CNNFUSE_BACKEND=triton under TRITON_INTERPRET=1 (as cnnfuse::conv2d does), runs the same
+launch in Triton's interpreter.
 """
 import contextlib
 import dataclasses
@@ -28,7 +29,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import ref
 from .._ext import relaxed_capture
-from ..backend import triton_interpreting
+from ..backend import requested_backend, triton_interpreting
 from ..kernels.conv2d import (_conv2d_kernel, _padded_weight, _splitk_reduce_kernel,
                               pad_channels)
 from ..kernels.conv2d_args import REDUCE_BLOCK, arguments
@@ -64,12 +65,12 @@ def _batch_bound(n) -> int:
     indexing when the range is unbounded."""
     if isinstance(n, int):
         return n
+    from torch.utils._sympy.numbers import int_oo
     node = n.node
     upper = node.shape_env.bound_sympy(node.expr).upper
-    try:
-        return min(int(upper), _INT32_BATCH)
-    except (TypeError, ValueError, OverflowError):  # int_oo: no upper end
+    if upper == int_oo:  # no upper end
         return _INT32_BATCH
+    return min(int(upper), _INT32_BATCH)
 
 
 def _strides(t) -> Optional[tuple]:
@@ -142,7 +143,8 @@ def _compute(x, weight, bias, stride, padding, dilation, groups, activation, res
         raise ValueError(f"padding must be (left, right, top, bottom), got {list(padding)!r}")
     cfg = _config(config)
     real = type(x) is torch.Tensor  # not a fake or functional tensor of a trace
-    if x.device.type == "cuda" or (real and triton_interpreting()):
+    interpreted = real and triton_interpreting() and requested_backend() == "triton"
+    if x.device.type == "cuda" or interpreted:
         if x.stride(1) != 1 and x.shape[1] > 1:  # as ops.conv2d._run: the kernel is NHWC
             x = x.contiguous(memory_format=torch.channels_last)
         if residual is not None:
