@@ -107,12 +107,13 @@ def _poisoned_like(y):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", [
-    dict(), dict(residual=True, prologue=True), dict(c=3, k=10, r=5, s=3, padding=(1, 1, 2, 2)),
-    dict(c=8, k=16, stride=(2, 1), padding=(0, 1, 1, 0), groups=4),
-    dict(c=16, k=9, r=1, s=1, padding=(0, 0, 0, 0), dtype=torch.bfloat16)],
-    ids=["plain", "residual-prologue", "stem-5x3", "grouped-stride", "1x1-bf16"])
-@pytest.mark.parametrize("config", [CONFIG, SPLIT], ids=["one-pass", "split-k3"])
+@pytest.mark.parametrize("case,config", [
+    (dict(), CONFIG), (dict(residual=True, prologue=True), SPLIT),
+    (dict(c=3, k=10, r=5, s=3, padding=(1, 1, 2, 2)), SPLIT),
+    (dict(c=8, k=16, stride=(2, 1), padding=(0, 1, 1, 0), groups=4), CONFIG),
+    (dict(c=16, k=9, r=1, s=1, padding=(0, 0, 0, 0), dtype=torch.bfloat16), SPLIT)],
+    ids=["plain", "residual-prologue-split-k3", "stem-5x3-split-k3", "grouped-stride",
+         "1x1-bf16-split-k3"])
 def test_the_launch_is_kernels_conv2d_launch(monkeypatch, case, config):
     """Under TRITON_INTERPRET=1 the op launches the kernel itself: the same bits as
     kernels.conv2d's launcher at the same config, and within PyTorch's own error of fp64."""
