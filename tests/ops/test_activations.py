@@ -319,6 +319,35 @@ def test_se_gate(name, backend):
     assert_close_elementwise(h, same, ref64, torch.float32)
 
 
+PAIR_NAMES = ["leaky_relu(-0.5)", "elu(0.5)", "celu(3.0)", "selu", "mish", "tanh",
+              "hardtanh(-2.0,0.5)", "softplus(2.0,5.0)"]
+
+
+@needs_triton
+@pytest.mark.parametrize("name", PAIR_NAMES)
+def test_triton_separable_both_activations(name, backend):
+    """A 1x1 depthwise of weight 1 (the kink values pass) with its activation, then the
+    identity 1x1 with the same one again."""
+    backend("triton")
+    x, w = _eye_conv_inputs(name, torch.float32)
+    y = ops.separable_conv2d(x, torch.ones(37, 1, 1, 1), None, w, dw_activation=name,
+                             activation=name)
+    m = torch_module(name)
+    same, ref64 = m(m(x)), torch_module(name).double()(torch_module(name).double()(x.double()))
+    assert_close_elementwise(y, same, ref64, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", PAIR_NAMES)
+def test_triton_pool_conv2d_epilogue(name, backend):
+    """A 1x1 max pool (the identity) and the identity 1x1 conv: the epilogue alone."""
+    backend("triton")
+    x, w = _eye_conv_inputs(name, torch.float32)
+    y = ops.pool_conv2d(x, w, mode="max", kernel_size=1, activation=name)
+    assert_close_elementwise(y, torch_module(name)(x), torch_module(name).double()(x.double()),
+                             torch.float32)
+
+
 def test_bare_code_of_a_parametrised_activation_is_refused():
     from cnnfuse.kernels.activation import act_code
     fn = getattr(act_code, "fn", act_code)
