@@ -35,9 +35,21 @@ Pooling (POOL): the epilogue also adds the tile's stored values, divided by OH·
 float32 (N, K) buffer: the squeeze of a squeeze-and-excitation block, without a pass over y.
 A row tile spans one image or a few (small maps), each summed apart and added atomically.
 
-TMA (tensor descriptors) is not used: the activation box is a rectangle only at stride 1 and
-without slices, and device-side descriptors need an allocator hook on 3.6 and 3.8 alike; the
-pointer path is the one path verified here.
+TMA (W_TMA, X_TMA): where the config asks for it and the geometry allows, operands are boxes
+of host-side tensor descriptors, loaded by the tensor memory accelerator into shared memory
+and zero-filled out of bounds, so no mask or per-element address is computed. The weight
+(weight_tma_fits: dense convs, the stem's padded weight, grouped tiles inside one group,
+16-byte aligned strides) as a (tap, K, channel) view in (1, BLOCK_N, BLOCK_K) boxes: zero past
+each tap's channels, so no box straddles two taps. The activation (activation_tma_fits) only
+for a dense 1x1 stride-1 unpadded conv, whose GEMM rows are x's pixels: one (BLOCK_M,
+BLOCK_K) box per step, zero past M and C (a 128x64 tile: 156 -> 96 registers, 17% fewer
+instructions). Elsewhere x stays on the pointer path: with stride, padding or several taps a
+tile of BLOCK_M output pixels spanning several output rows (and images) is not one box of x.
+Triton's pipeliner on sm_90 keeps descriptor loads in the one pipelined loop beside cp.async
+copies. A Triton without descriptors, a GPU older than sm_90 or CNNFUSE_TMA=0 take the
+pointer path. Triton's automatic warp specialisation on sm_90 (tl.range(...,
+warp_specialize=True), in 3.8; 3.6 runs the same Hopper pass) fails to compile this loop at
+4 warps and leaves it unchanged at 8, so it is not used.
 """
 import functools
 import logging
@@ -48,7 +60,8 @@ import triton.language as tl
 
 from .activation import apply_activation
 from .aot import compile_specialised
-from .conv2d_args import POOL_MODES, arguments, stand_ins  # noqa: F401
+from .conv2d_args import (POOL_MODES, arguments, descriptors_supported,  # noqa: F401
+                          stand_ins, tma_allowed)
 from .conv2d_configs import (CONFIGS, GROUPED_CONFIGS, INTERPRETER_CONFIG,  # noqa: F401
                              INTERPRETER_GROUPED_CONFIG, SHARED_BYTES, STEM_CHANNELS,
                              Conv2dConfig, Conv2dProblem, Window, candidate_configs,
@@ -100,21 +113,22 @@ def _epilogue(acc, row0, offs_m, offs_n, M, K, OH, OW, bias_ptr, res_ptr, y_ptr,
 
 @triton.jit
 def _conv2d_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr, dw_ptr, dwb_ptr, pool_ptr,
-    ws_ptr,
+    bias_ptr, res_ptr, y_ptr, scale_ptr, affine_ptr, dw_ptr, dwb_ptr, pool_ptr, ws_ptr,
     N, C, H, W, K, OH, OW, XH, XW,
     sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, src, srh, srw, syn, syc, syh, syw,
     ssn, ssc, sar, sac, sdc, sdr, sds,
     stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
     dw_sh, dw_sw, dw_pt, dw_pl, dw_dh, dw_dw,
     CG, KG, pool_scale,
+    x_ptr, w_ptr,  # last: as descriptors they expand to several parameters (see conv2d_args)
     R: tl.constexpr, S: tl.constexpr, GROUPED: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
     DW: tl.constexpr, POOL_IN: tl.constexpr, RD: tl.constexpr, SD: tl.constexpr,
     DW_BIAS: tl.constexpr, DW_ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, POOL: tl.constexpr,
     STEM: tl.constexpr, XVEC: tl.constexpr, YVEC: tl.constexpr, SPLIT_K: tl.constexpr,
-    INT64: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    W_TMA: tl.constexpr, X_TMA: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Multiples of a 16-byte vector arrive divided by it (see the module docstring).
@@ -167,11 +181,13 @@ def _conv2d_kernel(
         c_lo = (pid_n * BLOCK_N // KG) * CG
         c_hi = (n1 // KG + 1) * CG
         group_lo = (offs_n // KG) * CG  # the first input channel of each column's group
-        w_cols = w_ptr + cols * swk - group_lo * swc
+        if not W_TMA:
+            w_cols = w_ptr + cols * swk - group_lo * swc
     else:
         c_lo = 0
         c_hi = C
-        w_cols = w_ptr + cols * swk
+        if not W_TMA:
+            w_cols = w_ptr + cols * swk
 
     # The reduction steps of this program: all of them, or its share of a split.
     if STEM:
@@ -200,12 +216,13 @@ def _conv2d_kernel(
         j_lo = tl.maximum(-iw0, 0) * 8
         j_hi = tl.minimum(W - iw0, S) * 8
         x_rows = x_ptr + ((n * H + ih0) * W + iw0) * 8
-        w_cols = w_ptr + cols * (R * SC)
+        if not W_TMA:
+            w_cols = w_ptr + cols * (R * SC)
     elif DW or POOL_IN != 0:
         x_rows = x_ptr + n * sxn + (oh * dw_sh - dw_pt) * sxh + (ow * dw_sw - dw_pl) * sxw
         ihd0 = oh * dw_sh - dw_pt
         iwd0 = ow * dw_sw - dw_pl
-    else:
+    elif not X_TMA:
         x_rows = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw
     ok0 = mask_m & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
 
@@ -219,8 +236,11 @@ def _conv2d_kernel(
                     & (cs[None, :] < j_hi[:, None]))
             a = tl.load(x_rows[:, None] + (r_i * dil_h * W * 8) + cs[None, :], mask=a_ok,
                         other=0.0)
-            b = tl.load(w_cols[None, :] + r_i * SC + cs[:, None],
-                        mask=(cs < SC)[:, None] & mask_n[None, :], other=0.0)
+            if W_TMA:  # kernel row r_i's (s, c) range; zero past S * 8 and past K
+                b = w_ptr.load([r_i, pid_n * BLOCK_N, c0]).reshape(BLOCK_N, BLOCK_K).T
+            else:
+                b = tl.load(w_cols[None, :] + r_i * SC + cs[:, None],
+                            mask=(cs < SC)[:, None] & mask_n[None, :], other=0.0)
         else:
             if R * S == 1:
                 ok = ok0
@@ -233,7 +253,8 @@ def _conv2d_kernel(
                 iw = iw0 + dw
                 ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 tap_x = dh * sxh + dw * sxw
-                tap_w = r_i * swr + s_i * sws
+                if not W_TMA:
+                    tap_w = r_i * swr + s_i * sws
             c_ok = cs < c_hi
             a_ok = ok[:, None] & c_ok[None, :]
             if DW or POOL_IN != 0:  # x is the input of a depthwise conv, or of a pool
@@ -272,6 +293,8 @@ def _conv2d_kernel(
                 else:
                     d = d / tl.maximum(taps, 1.0)[:, None]
                 a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
+            elif X_TMA:  # a 1x1 stride-1 conv: rows are pixels, one box of x per step
+                a = x_ptr.load([pid_m * BLOCK_M, c0])
             else:
                 a = tl.load(x_rows[:, None] + tap_x + cs[None, :] * sxc, mask=a_ok, other=0.0)
             if HAS_AFFINE:  # pre-activation BatchNorm + activation, as the tile loads
@@ -286,12 +309,17 @@ def _conv2d_kernel(
                 a = a.to(tl.float32) * g.to(tl.float32)
                 if not DOT_FP32:  # rounded as PyTorch's own multiply would
                     a = a.to(x_ptr.dtype.element_ty)
-            w_ok = c_ok[:, None] & mask_n[None, :]
-            if GROUPED:  # block diagonal: channel c feeds output n only within one group
-                # (as a range test, so the mask is constant over vectors of XVEC channels)
-                w_ok = (w_ok & (cs[:, None] >= group_lo[None, :])
-                        & (cs[:, None] < group_lo[None, :] + CG))
-            b = tl.load(w_cols[None, :] + tap_w + cs[:, None] * swc, mask=w_ok, other=0.0)
+            if W_TMA:  # tap (r, s), channels c0 - c_lo.. of the tile's one group (grouped
+                # tiles take TMA only inside one group); zero past the group and past K
+                b = w_ptr.load([r_i * S + s_i, pid_n * BLOCK_N, c0 - c_lo]).reshape(
+                    BLOCK_N, BLOCK_K).T
+            else:
+                w_ok = c_ok[:, None] & mask_n[None, :]
+                if GROUPED:  # block diagonal: channel c feeds output n only within one group
+                    # (as a range test, so the mask is constant over vectors of XVEC channels)
+                    w_ok = (w_ok & (cs[:, None] >= group_lo[None, :])
+                            & (cs[:, None] < group_lo[None, :] + CG))
+                b = tl.load(w_cols[None, :] + tap_w + cs[:, None] * swc, mask=w_ok, other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -369,7 +397,8 @@ def compile_for_shape(problem: Conv2dProblem, config: Conv2dConfig, dtype: torch
         config = _fitted(config, problem.window.kernel[0] * problem.window.kernel[1],
                          torch.empty((), dtype=dtype).element_size())
     args, constexprs, _, reduce = arguments(problem, config, dtype,
-                                            stand_ins(problem, dtype, config.split_k))
+                                            stand_ins(problem, dtype, config.split_k),
+                                            tma=descriptors_supported() and capability >= 90)
     if reduction:
         if reduce is None:
             raise ValueError("reduction=True needs a config with split_k > 1")
@@ -440,7 +469,8 @@ def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
         pool.zero_()  # the tiles add into it
     if cfg.split_k > 1:
         t["ws"] = torch.empty(cfg.split_k * p.m * p.k, dtype=torch.float32, device=x.device)
-    args, constexprs, grid, reduce = arguments(p, cfg, x.dtype, t, dot_fp32)
+    args, constexprs, grid, reduce = arguments(p, cfg, x.dtype, t, dot_fp32,
+                                               tma_allowed(x.device))
     _conv2d_kernel[grid](*args, **constexprs)
     if reduce is not None:
         _splitk_reduce_kernel[reduce[2]](*reduce[0], **reduce[1])
@@ -454,6 +484,10 @@ def _replace(p, **changes):
 
 def _strides(t):
     return None if t is None else tuple(t.stride())
+
+
+def _aligned(t) -> bool:
+    return t.data_ptr() % 16 == 0
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
@@ -476,7 +510,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
         input_affine=None if input_affine is None else input_affine.dtype,
         input_activation=input_act_code, pooled=pool is not None, x_strides=_strides(x),
         y_strides=_strides(y), w_strides=_strides(weight), residual_strides=_strides(residual),
-        allow_tf32=allow_tf32)
+        x_aligned=_aligned(x), w_aligned=_aligned(weight), allow_tf32=allow_tf32)
     return _run(p, config, dict(x=x, w=weight, bias=bias, res=residual, y=y, scale=input_scale,
                                 affine=input_affine, pool=pool))
 
@@ -496,7 +530,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_strid
                       residual=residual is not None, activation=act_code, window=win,
                       x_strides=_strides(x), y_strides=_strides(y), w_strides=_strides(weight),
                       residual_strides=_strides(residual), allow_tf32=allow_tf32,
-                      out_size=tuple(y.shape[2:]))
+                      w_aligned=_aligned(weight), out_size=tuple(y.shape[2:]))
     return _run(p, config, dict(x=x, w=weight, bias=bias, res=residual, y=y, dw=dw_weight,
                                 dwb=dw_bias))
 
@@ -513,5 +547,5 @@ def pool_conv2d(x: torch.Tensor, mode: str, kernel_size, stride, padding, weight
                       residual=residual is not None, activation=act_code, window=win,
                       x_strides=_strides(x), y_strides=_strides(y), w_strides=_strides(weight),
                       residual_strides=_strides(residual), allow_tf32=allow_tf32,
-                      out_size=tuple(y.shape[2:]))
+                      w_aligned=_aligned(weight), out_size=tuple(y.shape[2:]))
     return _run(p, config, dict(x=x, w=weight, bias=bias, res=residual, y=y))

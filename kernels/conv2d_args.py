@@ -1,18 +1,29 @@
 """The launch arguments of the Triton conv kernel (kernels/conv2d.py) for a Conv2dProblem: one
 function for the runtime launch and the ahead-of-time compile, so the two cannot drift. The
 scalar part depends only on the problem and the config and is cached; the pointers are the
-tensors of the call (or, compiling ahead, stand-ins that carry a dtype and an alignment)."""
+tensors of the call (or, compiling ahead, stand-ins that carry a dtype and an alignment).
+
+The weight goes to the kernel as a host-side tensor descriptor (triton.tools.tensor_descriptor,
+Triton >= 3.3; the launcher encodes the CUtensorMap, so no device allocator is needed) when the
+config asks for TMA, weight_tma_fits allows it and the target has the tensor memory accelerator
+(sm_90 and later; the interpreter emulates it): a 3-D view (taps, K, channels per group) read in
+boxes of (1, BLOCK_N, BLOCK_K), zero past each tap's channels."""
 import functools
+import os
 
 import torch
 import triton
 
-from .conv2d_configs import STEM_CHANNELS, Conv2dConfig, Conv2dProblem
+from .conv2d_configs import (STEM_CHANNELS, Conv2dConfig, Conv2dProblem,  # noqa: F401
+                             activation_tma_fits, weight_tma_fits)
 
 POOL_MODES = {"max": 1, "avg": 2, "avg_valid": 3}  # avg_valid: the padding is not counted
 REDUCE_BLOCK = (64, 64)  # tile of the split-K sum
 _INT32_LIMIT = 2 ** 31 - 1
-_POINTERS = ("x", "w", "bias", "res", "y", "scale", "affine", "dw", "dwb", "pool", "ws")
+# x and w come after the scalars: as descriptors they expand to several kernel parameters,
+# and the static report finds every other parameter by its position
+_POINTERS = ("bias", "res", "y", "scale", "affine", "dw", "dwb", "pool", "ws")
+_OPERANDS = ("x", "w")
 _REDUCE_POINTERS = ("ws", "bias", "res", "y", "pool")
 _SIZES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
@@ -27,6 +38,30 @@ class Pointer:
 
     def data_ptr(self) -> int:
         return self._address
+
+
+@functools.lru_cache(maxsize=None)
+def descriptors_supported() -> bool:
+    """Whether this Triton has host-side tensor descriptors (triton.tools.tensor_descriptor)
+    and descriptor loads in kernels; False below 3.3, and then every launch takes the pointer
+    path."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    import triton.language as tl
+    return hasattr(tl, "tensor_descriptor")
+
+
+def tma_allowed(device: torch.device) -> bool:
+    """Descriptors for launches on `device`: a Triton that has them, a GPU with the tensor
+    memory accelerator (compute capability 9.0 or later) or the CPU interpreter, and
+    CNNFUSE_TMA not set to 0."""
+    if os.environ.get("CNNFUSE_TMA", "1") == "0" or not descriptors_supported():
+        return False
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _dense_cl(n, c, h, w):
@@ -46,16 +81,30 @@ def _vec(element_size: int, contiguous, *values) -> int:
     return v
 
 
+def _weight_box(p: Conv2dProblem, cfg: Conv2dConfig, ws: tuple, c: int, cg: int):
+    """(shape, strides, block shape) of the weight's descriptor: (taps, K, channels per
+    group), element strides; the stem's (R, K, S * STEM_CHANNELS) of its padded weight."""
+    block = [1, cfg.block_n, cfg.block_k]
+    if p.stem:
+        sc = p.s * STEM_CHANNELS
+        return [p.r, p.k, sc], [sc, p.r * sc, 1], block
+    if p.window is not None or p.r * p.s == 1:
+        return [1, p.k, cg], [ws[0], ws[0], 1], block
+    return [p.r * p.s, p.k, cg], [ws[3], ws[0], 1], block
+
+
 @functools.lru_cache(maxsize=4096)
-def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: bool):
-    """(scalars, constexprs, grid, reduce scalars, reduce constexprs, reduce grid)."""
+def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: bool,
+          tma: bool = False):
+    """(scalars, constexprs, grid, reduce scalars, reduce constexprs, reduce grid, weight
+    descriptor (shape, strides, block) or None). tma: descriptors are allowed here."""
     oh, ow = p.out_hw
     win = p.window
     stem = p.stem
     c = STEM_CHANNELS if stem else p.c
     cg = c // p.groups
     xs = _dense_cl(p.n, c, p.h, p.w) if stem or p.x_strides is None else tuple(p.x_strides)
-    ws = (_dense_cl(p.k, c, p.r, p.s) if stem or p.w_strides is None
+    ws = (_dense_cl(p.k, cg, p.r, p.s) if stem or p.w_strides is None
           else tuple(p.w_strides))
     ys = _dense_cl(p.n, p.k, oh, ow) if p.y_strides is None else tuple(p.y_strides)
     rs = (_dense_cl(p.n, p.k, oh, ow) if p.residual_strides is None
@@ -89,6 +138,11 @@ def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: boo
                *((p.c, 1) if p.input_affine is not None else (0, 0)),
                *window[:3], *conv, *window[3:], cg // xvec, p.k // p.groups, 1.0 / (oh * ow))
     precision = "tf32" if dtype == torch.float32 and p.allow_tf32 and not dot_fp32 else "ieee"
+    w_box = (_weight_box(p, cfg, ws, c, cg)
+             if tma and cfg.tma and weight_tma_fits(p, cfg, esize) else None)
+    x_box = ([m, p.c], [xs[3], 1], [cfg.block_m, cfg.block_k])
+    if not (tma and cfg.tma and cfg.x_tma and activation_tma_fits(p, cfg, esize)):
+        x_box = None
     constexprs = dict(
         R=1 if win else p.r, S=1 if win else p.s, GROUPED=p.groups > 1,
         HAS_SCALE=p.input_scale is not None, HAS_AFFINE=p.input_affine is not None,
@@ -97,32 +151,40 @@ def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: boo
         RD=win.kernel[0] if win else 1, SD=win.kernel[1] if win else 1,
         DW_BIAS=bool(win and win.bias), DW_ACT=win.activation if win else 0,
         HAS_BIAS=p.bias, HAS_RES=p.residual, ACT=p.activation, POOL=p.pooled, STEM=stem,
-        XVEC=xvec, YVEC=yvec, SPLIT_K=cfg.split_k, INT64=int64, PRECISION=precision,
+        XVEC=xvec, YVEC=yvec, SPLIT_K=cfg.split_k, W_TMA=w_box is not None,
+        X_TMA=x_box is not None, INT64=int64,
+        PRECISION=precision,
         DOT_FP32=dot_fp32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(p.k, cfg.block_n), cfg.split_k)
     if cfg.split_k == 1:
-        return scalars, constexprs, grid, None, None, None
+        return scalars, constexprs, grid, None, None, None, (x_box, w_box)
     bm, bn = REDUCE_BLOCK
     return (scalars, constexprs, grid,
             (m, p.k // yvec, oh, ow, *rv, *yv, 1.0 / (oh * ow)),
             dict(SPLIT_K=cfg.split_k, HAS_BIAS=p.bias, HAS_RES=p.residual, ACT=p.activation,
                  POOL=p.pooled, DOT_FP32=dot_fp32, INT64=int64, YVEC=yvec, BLOCK_M=bm,
                  BLOCK_N=bn, num_warps=4, num_stages=1),
-            (triton.cdiv(m, bm), triton.cdiv(p.k, bn)))
+            (triton.cdiv(m, bm), triton.cdiv(p.k, bn)), (x_box, w_box))
 
 
 def arguments(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, t: dict,
-              dot_fp32: bool = False):
+              dot_fp32: bool = False, tma: bool = False):
     """(args, constexprs, grid, reduce) of one launch of `p` at `cfg` in `dtype`. t maps x, w,
     bias, res, y, scale, affine, dw, dwb, pool, ws to tensors (or Pointer stand-ins, or None
     where absent: y stands in); x and w are the padded ones when p.stem. reduce is (args,
     constexprs, grid) of the split-K sum, or None. dot_fp32: the interpreter's bf16 mode (y is
-    a float32 buffer)."""
-    scalars, constexprs, grid, r_scalars, r_constexprs, r_grid = _plan(p, cfg, dtype, dot_fp32)
+    a float32 buffer). tma: the weight may go through a descriptor (tma_allowed); it does
+    when cfg.tma and weight_tma_fits agree (constexprs["W_TMA"])."""
+    scalars, constexprs, grid, r_scalars, r_constexprs, r_grid, (x_box, w_box) = _plan(
+        p, cfg, dtype, dot_fp32, tma)
     y = t["y"]
-    ptr = {k: (t.get(k) if t.get(k) is not None else y) for k in _POINTERS}
-    args = tuple(ptr[k] for k in _POINTERS) + scalars
+    ptr = {k: (t.get(k) if t.get(k) is not None else y) for k in _POINTERS + _OPERANDS}
+    for name, box in (("x", x_box), ("w", w_box)):
+        if box is not None:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            ptr[name] = TensorDescriptor(ptr[name], *box)
+    args = tuple(ptr[k] for k in _POINTERS) + scalars + (ptr["x"], ptr["w"])
     reduce = None
     if r_scalars is not None:
         reduce = (tuple(ptr[k] for k in _REDUCE_POINTERS) + r_scalars, r_constexprs, r_grid)

@@ -6,7 +6,7 @@ compile (kernels/conv2d.py builds the launch arguments from it in both cases), s
 that is checked statically is the kernel that runs.
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -43,7 +43,8 @@ class Conv2dProblem:
     right, top, bottom). With a window, x is the window's input and the conv is 1x1 on its
     output. Strides of None mean a dense channels_last tensor; a tuple (NCHW order, in
     elements) describes a view, e.g. a channel slice of a wider buffer. *_aligned: whether
-    that tensor's data pointer is 16-byte aligned. input_scale / input_affine: None when absent,
+    that tensor's data pointer is 16-byte aligned (w_aligned: the weight's, which a
+    tensor-memory-accelerator descriptor needs). input_scale / input_affine: None when absent,
     else the dtype of that tensor (contiguous (n, c) and (2, c)). Activations are
     cnnfuse.ref.activation codes."""
     n: int
@@ -71,6 +72,7 @@ class Conv2dProblem:
     residual_strides: Optional[tuple] = None
     x_aligned: bool = True
     y_aligned: bool = True
+    w_aligned: bool = True
     allow_tf32: bool = True
     out_size: Optional[tuple] = None  # (OH, OW) when given (a ceil-mode pool window)
 
@@ -133,12 +135,19 @@ class Conv2dConfig:
     num_stages: int
     group_m: int = 8
     split_k: int = 1  # the reduction split over this many programs, summed in fixed order
+    # operands through tensor-memory-accelerator descriptors where the geometry and the
+    # Triton build allow it (the weight: weight_tma_fits; with x_tma also the activation:
+    # activation_tma_fits; conv2d_args.tma_allowed); else the pointer path. A request, not a
+    # promise: each launch falls back on its own
+    tma: bool = False
+    x_tma: bool = False
 
     @property
     def name(self) -> str:
         return (f"triton_m{self.block_m}n{self.block_n}k{self.block_k}"
                 f"w{self.num_warps}s{self.num_stages}"
-                + (f"sk{self.split_k}" if self.split_k > 1 else ""))
+                + (f"sk{self.split_k}" if self.split_k > 1 else "")
+                + ("tma" if self.tma else "") + ("x" if self.tma and self.x_tma else ""))
 
     def shared_bytes(self, element_size: int, taps: int = 1) -> int:
         """Shared memory of the pipelined operand buffers; with a load-stage window of `taps`
@@ -251,7 +260,7 @@ def _candidates(p: Conv2dProblem, dtype) -> tuple:
                if cfg.block_n <= max(16, triton.next_power_of_2(min(p.k, max(kg, 32))))
                and cfg.block_m <= max(64, triton.next_power_of_2(p.m))
                and cfg.shared_bytes(size) <= SHARED_BYTES]
-        return tuple(out or [GROUPED_CONFIGS[0]])
+        return _with_tma(p, tuple(out or [GROUPED_CONFIGS[0]]), size)
     depth = p.s * STEM_CHANNELS if p.stem else p.c
     taps = p.window.kernel[0] * p.window.kernel[1] if p.window is not None else 1
 
@@ -268,11 +277,76 @@ def _candidates(p: Conv2dProblem, dtype) -> tuple:
         if sk > 1:
             split.append(Conv2dConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
                                       cfg.num_stages, cfg.group_m, sk))
-    return tuple(out + sorted(split, key=lambda cfg: _split_rank(p, cfg),
-                              reverse=True)[:MAX_SPLIT])
+    plain = tuple(out + sorted(split, key=lambda cfg: _split_rank(p, cfg),
+                               reverse=True)[:MAX_SPLIT])
+    return _with_tma(p, plain, size)
 
 
 MAX_SPLIT = 4  # split-K candidates timed per shape
+POINTER_TWINS = 2  # pointer-path versions kept beside the TMA ones, so tuning compares both
+
+
+def weight_tma_fits(p: Conv2dProblem, cfg: Conv2dConfig, element_size: int) -> bool:
+    """Whether the weight tile of (p, cfg) can be a tensor-memory-accelerator box: channels
+    contiguous (c stride 1), the other strides and the base 16-byte aligned, a box row of
+    BLOCK_K channels a multiple of 16 bytes, (r, s) taps one stride apart (r stride = S · s
+    stride, so the taps form one descriptor dimension), and for grouped convs a tile of output
+    channels inside one group (the block-diagonal mask of wider tiles is not a box). The
+    channel tail of each tap is the descriptor's zero fill, so no box straddles two taps."""
+    if element_size not in (2, 4):
+        return False
+    if cfg.block_k * element_size % 16 or cfg.block_n > 256 or cfg.block_k > 256:
+        return False
+    if p.stem:  # the padded weight, a fresh dense (K, R, S, STEM_CHANNELS) tensor
+        return p.s * STEM_CHANNELS * element_size % 16 == 0
+    if not p.w_aligned:
+        return False
+    if p.groups > 1 and (p.k // p.groups) % cfg.block_n:
+        return False
+    if p.w_strides is None:
+        ws = (p.c // p.groups * p.r * p.s, 1, p.s * p.c // p.groups, p.c // p.groups)
+    else:
+        ws = tuple(p.w_strides)
+    taps = 1 if p.window is not None else p.r * p.s
+    if ws[1] != 1 and p.c // p.groups > 1:
+        return False
+    if taps > 1 and (ws[2] != p.s * ws[3] or ws[3] * element_size % 16):
+        return False
+    return ws[0] * element_size % 16 == 0
+
+
+def activation_tma_fits(p: Conv2dProblem, cfg: Conv2dConfig, element_size: int) -> bool:
+    """Whether x's tile can be one tensor-memory-accelerator box per step: a dense 1x1
+    stride-1 unpadded conv without a load-stage window or prologue, whose output pixels are
+    x's pixels (rows uniformly strided, channels contiguous, 16-byte aligned)."""
+    if element_size not in (2, 4) or p.groups != 1 or p.stem or p.window is not None:
+        return False
+    if (p.r, p.s, p.stride, p.padding) != (1, 1, (1, 1), (0, 0, 0, 0)):
+        return False
+    if p.input_scale is not None or p.input_affine is not None or not p.x_aligned:
+        return False
+    if cfg.block_k * element_size % 16 or cfg.block_m > 256 or cfg.block_k > 256:
+        return False
+    xs = (p.h * p.w * p.c, 1, p.w * p.c, p.c) if p.x_strides is None else tuple(p.x_strides)
+    rows_uniform = xs[0] == p.h * xs[2] and xs[2] == p.w * xs[3]
+    return (xs[1] == 1 or p.c == 1) and rows_uniform and xs[3] * element_size % 16 == 0 \
+        and p.n * p.h * p.w < 2 ** 31
+
+
+def _tma_twin(p: Conv2dProblem, cfg: Conv2dConfig, size: int):
+    """cfg with tma (and x_tma where the activation fits too), or None if no operand fits."""
+    x_fits = activation_tma_fits(p, cfg, size)
+    if not (x_fits or weight_tma_fits(p, cfg, size)):
+        return None
+    return replace(cfg, tma=True, x_tma=x_fits)
+
+
+def _with_tma(p: Conv2dProblem, configs: tuple, size: int) -> tuple:
+    """configs with each one that has a TMA twin replaced by it, and the first POINTER_TWINS
+    of those also as they were."""
+    twins = {cfg: _tma_twin(p, cfg, size) for cfg in configs}
+    out = [twins[cfg] or cfg for cfg in configs]
+    return tuple(out + [cfg for cfg in configs if twins[cfg]][:POINTER_TWINS])
 
 
 def _split_rank(p: Conv2dProblem, cfg: Conv2dConfig) -> tuple:
@@ -296,7 +370,24 @@ def default_config(problem, k: Optional[int] = None, c: Optional[int] = None,
 
 @functools.lru_cache(maxsize=4096)
 def _default(p: Conv2dProblem, dtype) -> Conv2dConfig:
-    cands = _candidates(p, dtype)
+    """The rule below over the pointer-path candidates, then the pick's TMA twin if it has
+    one (operands through descriptors: fewer address registers and instructions, no
+    per-element masks; a 1x1 stride-1 conv's 128x64 tile drops from 156 to 96 registers)."""
+    size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 2
+    pick = _default_tile(p, tuple(dict.fromkeys(replace(cfg, tma=False, x_tma=False)
+                                                for cfg in _candidates(p, dtype))))
+    return _tma_twin(p, pick, size) or pick
+
+
+ACC_REGISTERS = 64  # fp32 accumulator registers per thread beyond which a residual spills
+
+
+def _default_tile(p: Conv2dProblem, cands: tuple) -> Conv2dConfig:
+    if p.residual:  # the residual tile loads beside the accumulator: 128x256 and 256x128
+        # tiles at 8 warps (128 accumulator registers a thread) spill 40-200 bytes on sm_90
+        light = tuple(cfg for cfg in cands
+                      if cfg.block_m * cfg.block_n <= ACC_REGISTERS * 32 * cfg.num_warps)
+        cands = light or cands
 
     def area(cfg):
         return cfg.block_m * cfg.block_n

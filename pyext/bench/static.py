@@ -19,7 +19,8 @@ dtype). One row each:
                 a taint walk over the PTX; depthwise: the widest LDG in the SASS)
   store_bytes   widest global store of the output (y_ptr; with split-K, by the second kernel
                 that sums the partial tiles; depthwise: the widest STG)
-  tma           a tensor-memory-accelerator load (UTMALDG in the SASS)
+  tma           a tensor-memory-accelerator load (UTMALDG in the SASS, whichever operand:
+                the conv's weight where its config asks for it and the geometry allows)
   whole_reduction_pipelined
                 conv: the rule of cnnfuse.bench.sass.whole_reduction_pipelined on the TTGIR
                 after Triton's pipeliner (one top-level scf.for holds every MMA, issues and
@@ -195,12 +196,33 @@ def specialisation_key(problem, config, dtype) -> str:
         return repr((problem, config, str(dtype)))
 
 
+def ptx_parameters(problem, config, dtype) -> dict:
+    """{kernel parameter: the index of its (first) PTX parameter} for a launch of (problem,
+    config), up to and including the first tensor descriptor: parameters Triton specialises to
+    constants have no PTX parameter, and a descriptor expands to several (how many depends on
+    Triton's version), so parameters after one are left out."""
+    from cnnfuse.kernels import conv2d
+    args, constexprs, _, _ = conv2d.arguments(problem, config, dtype,
+                                              conv2d.stand_ins(problem, dtype, config.split_k),
+                                              tma=conv2d.descriptors_supported())
+    _, spec, _ = _binder()(*args, **constexprs)
+    out, index = {}, 0
+    for param, (kind, _) in zip(conv2d._conv2d_kernel.params, spec):
+        if kind == "constexpr":
+            continue
+        out[param.name] = index
+        if kind.startswith("tensordesc"):
+            break
+        index += 1
+    return out
+
+
 def _analyse_conv(problem, config, dtype_name: str) -> dict:
     """Compile one (problem, config) and read it; runs in a worker process."""
     from cnnfuse.kernels.conv2d import compile_for_shape
     from cnnfuse.kernels import conv2d
     compiled = compile_for_shape(problem, config, DTYPES[dtype_name])
-    names = [n for n in conv2d._conv2d_kernel.arg_names if n.endswith("_ptr")]
+    index = ptx_parameters(problem, config, DTYPES[dtype_name])
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "conv2d.cubin"
@@ -208,8 +230,8 @@ def _analyse_conv(problem, config, dtype_name: str) -> dict:
         dump = sass.run_cuobjdump("-res-usage", "-sass", cubin)
     res = next(iter(sass.parse_res_usage(dump).values()))
     code = sass.summarise_sass(dump)
-    x = sass.param_access(ptx, names.index("x_ptr"))
-    y = sass.param_access(ptx, names.index("y_ptr"))
+    x = sass.param_access(ptx, index["x_ptr"])
+    y = sass.param_access(ptx, index["y_ptr"])
     if config.split_k > 1:  # y is written by the split-K sum, a second kernel
         reduce = compile_for_shape(problem, config, DTYPES[dtype_name], reduction=True)
         names_r = [n for n in conv2d._splitk_reduce_kernel.arg_names if n.endswith("_ptr")]
@@ -220,7 +242,7 @@ def _analyse_conv(problem, config, dtype_name: str) -> dict:
     return dict(registers=res.registers, spill_bytes=res.spill_bytes, shared_bytes=shared,
                 mma=code.mma, load_bytes=16 if x.tma_load and not x.loads else x.widest_load,
                 store_bytes=16 if y.tma_store and not y.stores else y.widest_store,
-                tma=code.tma or x.tma_load,
+                tma=code.tma,
                 whole_reduction_pipelined=sass.whole_reduction_pipelined(ttgir),
                 warps_per_sm=sass.warps_per_sm(res.registers, warps, shared))
 

@@ -229,3 +229,47 @@ def test_zoo_gates_hold_at_batch_1_and_128():
         assert all(row["store_bytes"] == 16 for row in dw)
     gates = [line for line in done.stderr.splitlines() if line.startswith("GATE")]
     assert done.returncode == 0 and not gates, "\n".join(gates)
+
+
+PARAMS = """
+import json, re, sys, torch
+from dataclasses import replace
+from cnnfuse.bench import static
+from cnnfuse.kernels.conv2d import compile_for_shape, default_config
+out = {}
+for text in sys.argv[1:-1]:
+    p = static.Shape.parse(text).problem()
+    pick = default_config(p, dtype=torch.float16)
+    for cfg in (pick, replace(pick, tma=False, x_tma=False)):
+        ptx = compile_for_shape(p, cfg, torch.float16).asm["ptx"]
+        decl = {int(m[2]): m[1] for m in re.finditer(r"\\.param\\s+([^\\n,]*?)\\s*\\w+_param_(\\d+)", ptx)}
+        index = static.ptx_parameters(p, cfg, torch.float16)
+        out[f"{text} {cfg.name}"] = dict(x=decl[index["x_ptr"]], y=decl[index["y_ptr"]],
+                                         n=decl[index["N"]], row=static._analyse_conv(p, cfg, "fp16"))
+open(sys.argv[-1], "w").write(json.dumps(out))
+"""
+
+
+@needs_cuobjdump
+def test_parameters_found_past_descriptors_and_tma_read_from_the_sass(tmp_path):
+    """x and the weight come last in the kernel's parameters (a descriptor expands to
+    several): x's, y's and a scalar's PTX parameters are found by the binder's specialisation
+    with and without descriptors; the tma column follows the SASS (UTMALDG), not the config."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "params.json"
+    shapes = ["8,256,14,14,64,1,1,1,0,1,1", "8,64,14,14,64,3,3,1,1,1,1"]
+    subprocess.run([sys.executable, "-c", PARAMS, *shapes, str(out)], env=env, check=True,
+                   capture_output=True, text=True)
+    got = json.loads(out.read_text())
+    assert len(got) == 4
+    for key, found in got.items():
+        tma = key.endswith("tma") or key.endswith("tmax")
+        assert ".ptr" in found["y"] and found["n"].strip() == ".u32", key
+        if key.endswith("tmax"):  # the 1x1's activation: a 128-byte CUtensorMap by value
+            assert ".b8" in found["x"], key
+        else:
+            assert ".ptr" in found["x"], key
+        row = found["row"]
+        assert row["tma"] is tma, key
+        assert row["load_bytes"] == 16 and row["store_bytes"] == 16, key
+    assert any(k.endswith("tmax") for k in got) and any(k.endswith("tma") for k in got)

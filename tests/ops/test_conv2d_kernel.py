@@ -184,12 +184,13 @@ def test_slices_and_vector_strides(x_pad, y_pad, dtype):
        tile=st.sampled_from([(16, 16, 16), (32, 16, 32), (16, 32, 16)]),
        split=st.sampled_from([1, 1, 2, 3]), dtype=st.sampled_from(list(DTYPES.values())),
        x_pad=st.sampled_from([(0, 0), (2, 3)]), y_pad=st.sampled_from([(0, 0), (1, 2)]),
-       residual=st.booleans())
+       residual=st.booleans(), tma=st.booleans())
 def test_random_configurations(n, c, k, h, w, kh, kw, sh, sw, dh, dw, pads, groups, tile, split,
-                               dtype, x_pad, y_pad, residual):
+                               dtype, x_pad, y_pad, residual, tma):
+    """tma: the weight by descriptor where it fits (c a multiple of 8, one group a tile)."""
     case = Case(n, c * groups, h + dh * (kh - 1), w + dw * (kw - 1), k * groups, (kh, kw),
                 (sh, sw), pads, (dh, dw), groups)
-    cfg = Conv2dConfig(*tile, 4, 1, split_k=split)
+    cfg = Conv2dConfig(*tile, 4, 1, split_k=split, tma=tma)
     check(case, dtype, cfg, "gelu", residual, x_pad=x_pad, y_pad=y_pad)
 
 
