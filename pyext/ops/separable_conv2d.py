@@ -41,6 +41,7 @@ def check_args(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding, dw_di
     """The checks of `separable_conv2d` (errors name the argument); returns the op's
     arguments (dw_padding as (left, right, top, bottom)) and the output shape."""
     _check.tensor("x", x, 4)
+    _check.activation("dw_activation", dw_activation)
     stride, pads, dilation, (n, c, oh, ow) = plan(x, dw_weight, dw_bias, dw_stride, dw_padding,
                                                   dw_dilation, x.shape[1], dw_activation, None)
     if dw_weight.shape[0] != x.shape[1]:

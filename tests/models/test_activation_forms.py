@@ -235,3 +235,19 @@ def test_cspresnet50_leaky_relus_are_absorbed():
     absorbed = sum(n for k, n in report.fused.items() if k.startswith("activation leaky_relu"))
     assert absorbed == leaky, str(report)
     assert report.activations_absorbed == report.activation_sites, str(report)
+
+
+def test_save_and_load_keep_the_parameters(tmp_path):
+    """The activations (epilogue and prologue) travel through cnnfuse.save as their spelling."""
+    model = nn.Sequential(ConvBnAct(nn.ELU(0.5)), nn.Conv2d(7, 5, 1),
+                          BnActConv(nn.Softplus(2.0, 3.0)))
+    fused = cnnfuse.fuse(randomize_batchnorm(model).eval())
+    x = _data()
+    cnnfuse.save(fused, tmp_path / "m.cnnfuse")
+    loaded = cnnfuse.load(tmp_path / "m.cnnfuse")
+    acts = sorted(c.activation for c in convs(loaded)) + sorted(
+        c.input_activation for c in convs(loaded) if c.input_affine is not None)
+    assert "elu(0.5)" in acts and "softplus(2.0,3.0)" in acts, acts
+    with torch.no_grad():
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(loaded(xc), fused(xc))
