@@ -189,7 +189,8 @@ def specialisation_key(problem, config, dtype) -> str:
     stand_ins = getattr(conv2d, "stand_ins", None) or getattr(conv2d, "_stand_ins", None)
     try:
         args, constexprs, _, _ = arguments(problem, config, dtype,
-                                           stand_ins(problem, dtype, config.split_k))
+                                           stand_ins(problem, dtype, config.split_k),
+                                           tma=conv2d.descriptors_supported())
         _, spec, options = _binder()(*args, **constexprs)
         return repr((spec, sorted(options.items()), str(dtype)))
     except (AttributeError, TypeError):  # the argument builder renamed: one compile per shape
