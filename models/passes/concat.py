@@ -48,6 +48,9 @@ def _fuse(g: FusionGraph, cat) -> list:
                 written.append(p)
             else:
                 written.append(g.graph.call_function(copy_into, (view, p)))
+                g.report.skip(g.node_site(p), "copied into its concatenation's slice: only a "
+                              "fused conv (or fused pair) read by nothing else writes its "
+                              "slice directly")
         result = g.graph.call_function(concat_result,
                                        (buffer, interleaved, groups, tuple(written)))
     (chain[-1] if chain else cat).replace_all_uses_with(result)

@@ -44,3 +44,11 @@ def test_fuse():
     assert report.fused["pool + 1x1 in one op"] == 8
     assert report.fused["conv writes its concat slice"] > 0
     assert report.coverage == 1.0 and report.activations_absorbed == report.activation_sites
+    # Still eager, and listed: the stride-2 blocks' pass-through pools, copied into their
+    # concatenations, and the stem's ceil-mode pool, not paired with the 1x1 conv after it.
+    reasons = dict(report.unfused)
+    for block in ("3c", "4e"):
+        assert "copied into its concatenation" in reasons[
+            f"blocks.inception_{block}.branch_pool"], str(report)
+    assert "ceil-mode pool" in reasons["stem.1"], str(report)
+    assert "stem.4" not in reasons  # a 3x3 conv follows it: nothing to pair
