@@ -152,6 +152,21 @@ def _call_parameters(node: fx.Node, spec: tuple) -> Optional[list]:
     return [values[name] for name in names if name != "inplace"]
 
 
+def _prelu_call(node: fx.Node, modules: dict) -> Optional[str]:
+    """F.prelu(x, weight) with weight a one-element parameter of the model (what a traced
+    PReLU subclass, timm's, leaves in the graph): leaky_relu of its value now."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    weight = node.args[1]
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    owner, _, name = weight.target.rpartition(".")
+    value = getattr(modules.get(owner), name, None)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_meta:
+        return None
+    return _spelled("leaky_relu", (float(value.detach().reshape(())),))
+
+
 def activation_of_node(node: fx.Node, modules: dict) -> Optional[str]:
     """The activation a graph node applies to its first input (canonical spelling), or None.
     Function and method forms count with their parameters given by position or keyword, in
@@ -165,6 +180,8 @@ def activation_of_node(node: fx.Node, modules: dict) -> Optional[str]:
             base, spec = _ACT_FUNCTIONS_WITH_PARAMETERS[node.target]
             params = _call_parameters(node, spec)
             return None if params is None else _spelled(base, params)
+        if node.target is F.prelu:
+            return _prelu_call(node, modules)
         if node.target is F.gelu:
             params = _call_parameters(node, (("approximate", "none"),))
             return None if params is None else {"tanh": "gelu_tanh", "none": "gelu"}.get(

@@ -251,3 +251,16 @@ def test_save_and_load_keep_the_parameters(tmp_path):
     with torch.no_grad():
         xc = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(loaded(xc), fused(xc))
+
+
+def test_timm_prelu_traced_through_fuses():
+    """timm's PReLU is no leaf of the trace: the graph holds F.prelu(x, weight), the one
+    weight read at fuse time; a per-channel one stays."""
+    a = pytest.importorskip("timm.layers.activations")
+    fused, report = _compare(ConvBnAct(a.PReLU(1, init=-0.375)), _data())
+    assert convs(fused)[0].activation == "leaky_relu(-0.375)", str(report)
+    model = ConvBnAct(a.PReLU(7, init=0.25))
+    with torch.no_grad():
+        model.act.weight.uniform_(-0.5, 0.5)
+    fused, report = _compare(model, _data())
+    assert convs(fused)[0].activation == "none" and report.activations_absorbed == 0
