@@ -38,7 +38,6 @@ from ..kernels.conv2d_configs import Conv2dConfig, Conv2dProblem
 CONFIG_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "group_m",
                  "split_k")
 _INT32_BATCH = 2 ** 31  # a batch this large needs 64-bit indexing for any non-empty layer
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 def config_list(cfg: Conv2dConfig) -> list[int]:
@@ -93,10 +92,10 @@ def _launch(x, weight, bias, residual, y, stride, padding, dilation, activation,
     p = Conv2dProblem.of_conv(
         (bound, c, h, w), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
         groups, bias=bias is not None, residual=residual is not None,
-        activation=ref.activation_code(activation),
+        activation=ref.activation_args(activation),
         input_scale=None if input_scale is None else input_scale.dtype,
         input_affine=None if input_affine is None else input_affine.dtype,
-        input_activation=ref.activation_code(input_activation), pooled=pool is not None,
+        input_activation=ref.activation_args(input_activation), pooled=pool is not None,
         x_strides=_strides(x), y_strides=_strides(y), w_strides=_strides(weight),
         residual_strides=_strides(residual), allow_tf32=allow_tf32)
     # The interpreter multiplies bf16 tiles wrongly (see kernels.conv2d._run): fp32 dot, fp32 y.
