@@ -161,34 +161,36 @@ def apply_activation(y: torch.Tensor, name: str) -> torch.Tensor:
 
 
 # In-place forms on a fresh fp32 result, by name: eager's own functions, so a fused model's
-# CPU plans round as the original does. gelu and softplus have no in-place form; "none" is
+# CPU plans round as the original does. Each entry makes, from (p0, p1), the callable of y
+# that runs: eager's function itself, bound to its parameters, with no wrapper in between
+# (the eager path calls it per call). gelu and softplus have no in-place form; "none" is
 # nothing to do.
+_P = functools.partial
 _INPLACE = {
-    "none": None,
-    "relu": lambda y, a, b: torch.relu_(y),
-    "relu6": lambda y, a, b: y.clamp_(0.0, 6.0),
-    "silu": lambda y, a, b: F.silu(y, inplace=True),
-    "hardswish": lambda y, a, b: F.hardswish(y, inplace=True),
-    "hardsigmoid": lambda y, a, b: F.hardsigmoid(y, inplace=True),
-    "sigmoid": lambda y, a, b: torch.sigmoid_(y),
-    "gelu": lambda y, a, b: F.gelu(y),
-    "gelu_tanh": lambda y, a, b: F.gelu(y, approximate="tanh"),
-    "leaky_relu": lambda y, a, b: F.leaky_relu(y, a, inplace=True),
-    "elu": lambda y, a, b: F.elu(y, a, inplace=True),
-    "celu": lambda y, a, b: F.celu(y, a, inplace=True),
-    "selu": lambda y, a, b: F.selu(y, inplace=True),
-    "mish": lambda y, a, b: F.mish(y, inplace=True),
-    "tanh": lambda y, a, b: torch.tanh_(y),
-    "hardtanh": lambda y, a, b: F.hardtanh(y, a, b, inplace=True),
-    "softplus": lambda y, a, b: F.softplus(y, a, b),
+    "none": lambda a, b: None,
+    "relu": lambda a, b: torch.relu_,
+    "relu6": lambda a, b: _P(torch.clamp_, min=0.0, max=6.0),
+    "silu": lambda a, b: _P(F.silu, inplace=True),
+    "hardswish": lambda a, b: _P(F.hardswish, inplace=True),
+    "hardsigmoid": lambda a, b: _P(F.hardsigmoid, inplace=True),
+    "sigmoid": lambda a, b: torch.sigmoid_,
+    "gelu": lambda a, b: F.gelu,
+    "gelu_tanh": lambda a, b: _P(F.gelu, approximate="tanh"),
+    "leaky_relu": lambda a, b: _P(F.leaky_relu, negative_slope=a, inplace=True),
+    "elu": lambda a, b: _P(F.elu, alpha=a, inplace=True),
+    "celu": lambda a, b: _P(F.celu, alpha=a, inplace=True),
+    "selu": lambda a, b: _P(F.selu, inplace=True),
+    "mish": lambda a, b: _P(F.mish, inplace=True),
+    "tanh": lambda a, b: torch.tanh_,
+    "hardtanh": lambda a, b: _P(F.hardtanh, min_val=a, max_val=b, inplace=True),
+    "softplus": lambda a, b: _P(F.softplus, beta=a, threshold=b),
 }
 
 
 @functools.lru_cache(maxsize=1024)
 def _inplace(name: str):
     code, p0, p1 = activation_args(name)
-    fn = _INPLACE[ACTIVATIONS[code]]
-    return None if fn is None else functools.partial(fn, a=p0, b=p1)
+    return _INPLACE[ACTIVATIONS[code]](p0, p1)
 
 
 def activate_(y: torch.Tensor, name: str) -> torch.Tensor:
