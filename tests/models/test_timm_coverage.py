@@ -27,6 +27,7 @@ MODELS = {
     "googlenet": (64, 0.95, []),
     "densenet121": (64, 0.95, ["dense block in one buffer"]),
     "dpn68": (64, 0.95, ["batchnorm + act in conv's load"]),
+    "mobileone_s0": (64, 0.95, ["parallel branches summed into one conv"]),
 }
 
 # name: (BatchNorms gone, of all; convs fused, of all conv sites; activations absorbed, of
@@ -44,6 +45,7 @@ FIGURES = {
     "googlenet": ((57, 59), (57, 59), (57, 57)),
     "densenet121": ((120, 121), (120, 120), (121, 121)),
     "dpn68": ((71, 72), (72, 72), (72, 72)),
+    "mobileone_s0": ((226, 226), (191, 191), (43, 43)),
 }
 
 
