@@ -9,6 +9,7 @@ import json
 import os
 import re
 import statistics
+import threading
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -17,7 +18,7 @@ import torch
 from .backend import log, warn_once
 
 _progress = None  # a tqdm bar while `progress()` is active
-_observers: list = []  # lists that collect the picks made inside `observing()`
+_observing = threading.local()  # .lists: this thread's lists collecting its picks (observing())
 
 # Picks from a file that travels with a model (cnnfuse.tune(save=), cnnfuse.use_picks,
 # CNNFUSE_PICKS), consulted before the cache; cnnfuse.tune reads and checks the file.
@@ -46,14 +47,15 @@ class Pick(NamedTuple):
 
 @contextlib.contextmanager
 def observing():
-    """Collect a `Pick` for every pick made inside the block (how a fused module's plan learns
-    which backend it may call directly from now on)."""
+    """Collect a `Pick` for every pick this thread makes inside the block (how a fused
+    module's plan learns which backend it may call directly from now on)."""
     seen = []
-    _observers.append(seen)
+    lists = _observing.__dict__.setdefault("lists", [])
+    lists.append(seen)
     try:
         yield seen
     finally:
-        _observers.remove(seen)
+        lists.remove(seen)
 
 
 @contextlib.contextmanager
@@ -139,7 +141,7 @@ class Autotuner:
         if recording is not None:
             recording.setdefault(self.op, {})[key] = chosen
             final = False  # cnnfuse.tune must see every key a model asks for
-        for seen in _observers:
+        for seen in getattr(_observing, "lists", ()):
             seen.append(Pick(self.op, key, chosen, candidates.get(chosen), final))
         return chosen
 
