@@ -71,7 +71,9 @@ if [[ $PHASE == quick ]]; then
       --batch 128 --candidates "$TUNE" --jobs 16
   # four pytest processes side by side on the one GPU; each file set compiles its own kernels
   tests_part() {
-    CNNFUSE_AUTOTUNE=0 timeout -s INT -k 15 110 python3 -m pytest -q -m cuda \
+    # CNNFUSE_CHECK_LAUNCH=1: every cached launch is also made through Triton's own launcher
+    # and compared bit for bit, so the direct launch is proven on the card before it is timed
+    CNNFUSE_CHECK_LAUNCH=1 CNNFUSE_AUTOTUNE=0 timeout -s INT -k 15 110 python3 -m pytest -q -m cuda \
         -p no:cacheprovider "$@" 2>&1 | tail -6
   }
   T0=$SECONDS
@@ -80,7 +82,8 @@ if [[ $PHASE == quick ]]; then
   tests_part tests/ops/test_conv2d.py -k "not test_cuda_against_cudnn and not auto" \
       > "$OUT/quick_tests_2.txt" &
   tests_part tests/ops/test_depthwise_conv2d.py tests/ops/test_bias_act.py \
-      tests/ops/test_se_gate.py > "$OUT/quick_tests_3.txt" &
+      tests/ops/test_se_gate.py tests/ops/test_launch.py tests/ops/test_resolved_plans.py \
+      > "$OUT/quick_tests_3.txt" &
   tests_part tests/ops/test_pool_conv2d.py tests/ops/test_separable_conv2d.py -k "not auto" \
       > "$OUT/quick_tests_4.txt" &
   wait
