@@ -1,11 +1,12 @@
 """cnnfuse.export: a fused model as a torch.export program (.pt2), for torch.export.load,
 torch.compile and AOTInductor, with its batch dimension dynamic where the model allows.
 
-Where the autotuner picked a Triton config for a conv on a CUDA tensor, the program calls
-cnnfuse::conv2d_triton (ops/triton_conv2d.py, a torch.library triton_op) with that config
-instead of the opaque cnnfuse::conv2d: torch.compile and AOTInductor then see the Triton
-kernel itself, and an AOTInductor package carries its compiled binary. Every other op stays
-a call by name, dispatched when the program runs."""
+Where the autotuner picked a Triton config for a conv (or a separable conv, or a pool
+projection) on a CUDA tensor, the program calls cnnfuse::conv2d_triton (separable_conv2d_triton,
+pool_conv2d_triton: torch.library triton_ops, ops/triton_conv2d.py and
+ops/triton_window_conv2d.py) with that config instead of the opaque op: torch.compile and
+AOTInductor then see the Triton kernel itself, and an AOTInductor package carries its
+compiled binary. Every other op stays a call by name, dispatched when the program runs."""
 import contextlib
 import json
 import os
@@ -90,14 +91,16 @@ def _trace(fused: nn.Module, inputs: tuple, dynamic_batch: bool):
 
 def use_triton_ops(program: "torch.export.ExportedProgram", batch: int,
                    picks: Optional[dict] = None) -> int:
-    """Rewrite, in place, each cnnfuse::conv2d / conv2d_into / conv2d_pooled call of
-    `program` on CUDA tensors whose pick at batch size `batch` is a Triton config into the
-    matching cnnfuse::conv2d_triton* call at that config; returns how many were rewritten.
+    """Rewrite, in place, each cnnfuse::conv2d (conv2d_into, conv2d_pooled),
+    separable_conv2d(_into) and pool_conv2d(_into) call of `program` on CUDA tensors whose
+    autotuner pick at batch size `batch` is a Triton config into the matching triton_op
+    (cnnfuse::conv2d_triton, ...) at that config; returns how many were rewritten.
     picks: {op: {autotuner key: candidate}} (default: this process's, see cnnfuse.tune)."""
-    from .ops.triton_conv2d import OPS, config_list
+    from .ops import triton_conv2d, triton_window_conv2d
     picks = current_picks() if picks is None else picks
-    sources = {getattr(torch.ops.cnnfuse, name).default: name for name in OPS}
-    cache, calls, rewritten = None, 0, 0
+    targets = {**triton_conv2d.OPS, **triton_window_conv2d.OPS}
+    sources = {getattr(torch.ops.cnnfuse, name).default: name for name in targets}
+    caches, calls, rewritten = {}, 0, 0
     symbols = list(program.range_constraints)
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in sources:
@@ -105,18 +108,23 @@ def use_triton_ops(program: "torch.export.ExportedProgram", batch: int,
         calls += 1
         name = sources[node.target]
         args = _named_args(node)
-        x = args["x"].meta["val"] if hasattr(args["x"], "meta") else None
+        x = args["x"].meta.get("val") if isinstance(args["x"], torch.fx.Node) else None
         if x is None or x.device.type != "cuda":
             continue
-        if cache is None:
-            cache = _autotune_cache()
-        cfg = _triton_config(name, args, symbols, batch, picks, cache)
+        family = name.replace("_into", "").replace("_pooled", "")
+        if family not in caches:
+            caches[family] = _autotune_cache(family)
+        cfg = _triton_config(name, family, args, symbols, batch, picks.get(family, {}),
+                             caches[family])
         if cfg is None:
             continue
-        tail = (args["out"], args["out_channel_offset"]) if name == "conv2d_into" else ()
-        node.target = OPS[name]
-        node.args = (tuple(args[a] for a in _SCHEMA_HEAD)
-                     + (config_list(cfg), bool(args["allow_tf32"])) + tail)
+        schema = node.target._schema.arguments
+        head = [a.name for a in schema if a.name not in ("out", "out_channel_offset")]
+        tail = [a.name for a in schema if a.name in ("out", "out_channel_offset")]
+        node.target = targets[name]
+        node.args = (tuple(args[a] for a in head)
+                     + (triton_conv2d.config_list(cfg), bool(args["allow_tf32"]))
+                     + tuple(args[a] for a in tail))
         node.kwargs = {}
         rewritten += 1
     if rewritten:
@@ -126,10 +134,6 @@ def use_triton_ops(program: "torch.export.ExportedProgram", batch: int,
                  "config (visible to torch.compile and AOTInductor); the rest call the cnnfuse "
                  "ops by name", rewritten, calls)
     return rewritten
-
-
-_SCHEMA_HEAD = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "activation",
-                "residual", "input_scale", "input_affine", "input_activation")
 
 
 def _named_args(node) -> dict:
@@ -148,12 +152,12 @@ def _named_args(node) -> dict:
     return out
 
 
-def _autotune_cache() -> dict:
-    """The conv autotuner's on-disk table for this GPU and these versions ({} without one)."""
+def _autotune_cache(op: str) -> dict:
+    """The op's autotuner table on disk for this GPU and these versions ({} without one)."""
     if not torch.cuda.is_available():
         return {}
     from . import autotune
-    return autotune.Autotuner("conv2d")._load()
+    return autotune.Autotuner(op)._load()
 
 
 def _concrete(value, symbols, batch):
@@ -171,44 +175,71 @@ def _concrete(value, symbols, batch):
                                dtype=v.dtype, device="meta")
 
 
-def _triton_config(name: str, args: dict, symbols, batch: int, picks: dict, cache: dict):
-    """The Triton config the conv autotuner would run for this call at `batch`, or None."""
+def _nhwc(t):
+    """t in the layout the cnnfuse ops give their input on CUDA before they name the call."""
+    if t is not None and t.stride(1) != 1 and t.shape[1] > 1:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _triton_config(name: str, family: str, args: dict, symbols, batch: int, picks: dict,
+                   cache: dict):
+    """The Triton config the op's autotuner would run for this call at `batch` (its pick,
+    from `picks`, else the on-disk `cache`; with CNNFUSE_BACKEND=triton and neither, the
+    untimed default), or None. The key is the one the op's implementation names the call by
+    (ops/conv2d.py's _run and run_pair, the window ops' key functions)."""
     from .kernels.conv2d_configs import Conv2dProblem, candidate_configs, default_config
-    from .ops.conv2d import _key
+    from .ops.conv2d import _key, output_hw
     from .ops.depthwise_conv2d import is_depthwise
-    x, weight = _concrete(args["x"], symbols, batch), _concrete(args["weight"], symbols, batch)
-    bias, residual = (_concrete(args[k], symbols, batch) for k in ("bias", "residual"))
-    groups = args["groups"]
-    if is_depthwise(x, weight, groups):
-        return None  # the Triton conv is never a depthwise candidate
-    # the layouts ops.conv2d._run gives its arguments on CUDA before it names the call
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if residual is not None:
-        residual = residual.contiguous(memory_format=torch.channels_last)
-    weight = weight.contiguous(memory_format=torch.channels_last)
+
+    def meta(k):
+        return _concrete(args[k], symbols, batch)
+    x, weight, bias, residual = _nhwc(meta("x")), meta("weight"), meta("bias"), meta("residual")
     dest = None
-    if name == "conv2d_into":
-        dest = _concrete(args["out"], symbols, batch).narrow(1, args["out_channel_offset"],
-                                                             weight.shape[0])
-    stride, padding, dilation = (list(args[k]) for k in ("stride", "padding", "dilation"))
-    affine = args["input_affine"] is not None
-    key = (_key(x, weight, bias, stride, padding, dilation, groups, args["activation"],
-                residual, dest)
-           + f" scale={args['input_scale'] is not None} "
-           f"affine={args['input_activation'] if affine else None}"
-           + (" pool" if name == "conv2d_pooled" else ""))
-    pick = picks.get("conv2d", {}).get(key) or cache.get(key, {}).get("best")
-    problem = Conv2dProblem.of_conv(tuple(x.shape), tuple(weight.shape), stride, padding,
-                                    dilation, groups)
+    if name.endswith("_into"):
+        dest = meta("out").narrow(1, args["out_channel_offset"], weight.shape[0])
+    if family == "conv2d":
+        groups = args["groups"]
+        if is_depthwise(x, weight, groups):
+            return None  # the Triton conv is never a depthwise candidate
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        stride, padding, dilation = (list(args[k]) for k in ("stride", "padding", "dilation"))
+        affine = args["input_affine"] is not None
+        key = (_key(x, weight, bias, stride, padding, dilation, groups, args["activation"],
+                    residual, dest)
+               + f" scale={args['input_scale'] is not None} "
+               f"affine={args['input_activation'] if affine else None}"
+               + (" pool" if name == "conv2d_pooled" else ""))
+        problem = Conv2dProblem.of_conv(tuple(x.shape), tuple(weight.shape), stride, padding,
+                                        dilation, groups)
+        options = dict(dtype=x.dtype)
+    else:
+        if family == "separable_conv2d":
+            dw = meta("dw_weight")
+            window = (dw.shape[2:], args["dw_stride"], args["dw_padding"], args["dw_dilation"])
+            key = (_key(x, dw, meta("dw_bias"), args["dw_stride"], args["dw_padding"],
+                        args["dw_dilation"], x.shape[1], args["dw_activation"], None, dest)
+                   + f" | pw w{list(weight.shape)} {args['activation']} "
+                     f"bias={bias is not None} res={residual is not None}")
+        else:
+            window = (args["kernel_size"], args["stride"], args["padding"], (1, 1))
+            key = (_key(x, weight, bias, args["stride"], args["padding"], (1, 1), 1,
+                        args["activation"], residual, dest)
+                   + f" | {args['pool_mode']} pool {list(args['kernel_size'])}")
+        oh, ow = output_hw(x.shape[2], x.shape[3], *window)
+        problem = x.shape[0] * oh * ow  # as run_pair names the GEMM
+        options = dict(k=weight.shape[0], c=x.shape[1], dtype=x.dtype,
+                       taps=window[0][0] * window[0][1])
+    pick = picks.get(key) or cache.get(key, {}).get("best")
     if pick is None:
         if requested_backend() != "triton":
             return None
-        return default_config(problem, dtype=x.dtype)  # what the op runs untimed
+        return default_config(problem, **options)  # what the op runs untimed
     if not pick.startswith("triton_"):
         return None
-    for cfg in candidate_configs(problem, dtype=x.dtype) + [default_config(problem,
-                                                                            dtype=x.dtype)]:
+    for cfg in candidate_configs(problem, **options) + [default_config(problem, **options)]:
         if cfg.name == pick:
             return cfg
     log.warning("cnnfuse.export: the pick %s for %s is not a config of this cnnfuse; that "

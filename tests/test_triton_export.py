@@ -145,6 +145,63 @@ def test_the_launch_is_kernels_conv2d_launch(monkeypatch, case, config):
         assert torch.allclose(pool, y.double().mean((2, 3)).float(), rtol=1e-5, atol=1e-6)
 
 
+def _separable_args(n=2, c=12, h=9, w=7, k=10, dtype=torch.float32):
+    x = _nhwc(n, c, h, w, dtype=dtype)
+    dw = torch.randn(c, 1, 3, 3, dtype=dtype)
+    return (x, dw, torch.randn(c, dtype=dtype), [2, 1], [1, 1, 1, 1], [1, 1], "relu6",
+            _nhwc(k, c, 1, 1, dtype=dtype) * 0.3, torch.randn(k, dtype=dtype), "silu", None)
+
+
+def _pool_args(n=2, c=12, h=9, w=7, k=10, mode="max", dtype=torch.float32):
+    x = _nhwc(n, c, h, w, dtype=dtype)
+    return (x, mode, [3, 3], [1, 1], [1, 1, 1, 1], _nhwc(k, c, 1, 1, dtype=dtype) * 0.3,
+            torch.randn(k, dtype=dtype), "relu", _nhwc(n, k, h, w, dtype=dtype))
+
+
+def test_opcheck_of_the_window_ops_on_the_cpu_implementation():
+    out = torch.zeros(2, 13, 5, 7).contiguous(memory_format=torch.channels_last)
+    args = _separable_args()
+    torch.library.opcheck(OPS.separable_conv2d_triton.default, args + (CONFIG, False))
+    torch.library.opcheck(OPS.separable_conv2d_triton_into.default,
+                          args + (CONFIG, False, out, 2))
+    assert torch.equal(OPS.separable_conv2d_triton.default(*args, CONFIG, False),
+                       OPS.separable_conv2d.default(*args))
+    args = _pool_args()
+    out = torch.zeros(2, 13, 9, 7).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(OPS.pool_conv2d_triton.default, args + (CONFIG, False))
+    torch.library.opcheck(OPS.pool_conv2d_triton_into.default, args + (CONFIG, False, out, 3))
+    assert torch.equal(OPS.pool_conv2d_triton.default(*args, CONFIG, False),
+                       OPS.pool_conv2d.default(*args))
+    with pytest.raises(ValueError, match=r"weight has shape \(10, 4, 1, 1\); expected"):
+        OPS.pool_conv2d_triton.default(*args[:5], args[5][:, :4], *args[6:], CONFIG, False)
+
+
+@needs_triton
+@pytest.mark.parametrize("op,make,config", [
+    ("separable_conv2d", _separable_args, CONFIG),
+    ("separable_conv2d", lambda: _separable_args(dtype=torch.bfloat16), SPLIT),
+    ("pool_conv2d", _pool_args, SPLIT),
+    ("pool_conv2d", lambda: _pool_args(mode="avg_valid"), CONFIG)],
+    ids=["separable", "separable-bf16-split-k3", "max-pool-split-k3", "avg-pool"])
+def test_the_window_launch_is_the_window_ops_launch(monkeypatch, op, make, config):
+    """Under the interpreter: the same bits as the op's own Triton launch at that config,
+    into a fresh tensor and into a slice of a poisoned buffer."""
+    monkeypatch.setenv("CNNFUSE_BACKEND", "triton")
+    module = importlib.import_module(f"cnnfuse.ops.{op}")
+    args = make()
+    y = getattr(OPS, f"{op}_triton").default(*args, config, torch.backends.cudnn.allow_tf32)
+    want = module._triton(Conv2dConfig(*config), *args, _poisoned_like(y))
+    assert torch.equal(y, want)
+    assert torch.allclose(y.float(), getattr(OPS, op).default(*args).float(), rtol=2e-2,
+                          atol=2e-2)
+    out = torch.full((y.shape[0], y.shape[1] + 4, *y.shape[2:]), float("nan"),
+                     dtype=y.dtype).contiguous(memory_format=torch.channels_last)
+    getattr(OPS, f"{op}_triton_into").default(*args, config, torch.backends.cudnn.allow_tf32,
+                                              out, 1)
+    assert torch.equal(out[:, 1:1 + y.shape[1]], y)
+    assert out[:, :1].isnan().all() and out[:, 1 + y.shape[1]:].isnan().all()
+
+
 # -------------------------------------------------------------------- export on fake CUDA
 
 class Net(nn.Module):
@@ -165,6 +222,23 @@ class Net(nn.Module):
         return torch.cat([self.a(x), self.b(x)], 1)
 
 
+class NetW(nn.Module):
+    """The window kernels: a separable conv (depthwise 3x3, then 1x1) and an Inception pool
+    projection beside a 1x1 branch, both writing their concat slices."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.dw, self.bdw = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
+        self.pw, self.bpw = nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16)
+        self.a, self.proj = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.b0(self.stem(x)))
+        x = torch.relu(self.bpw(self.pw(torch.relu(self.bdw(self.dw(x))))))
+        return torch.cat([self.a(x), self.proj(F.max_pool2d(x, 3, 1, 1))], 1)
+
+
 def _fake_cuda(model, *inputs, shape_env=None):
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
     with mode:
@@ -177,8 +251,9 @@ class _AskedKeys(TorchDispatchMode):
     """Calls ops.conv2d._run, as a GPU would, for every cnnfuse conv op and records the key
     it asks the autotuner (with the pick `answer(key, problem)`); the op's result is the fake
     one."""
-    SOURCES = {OPS.conv2d.default: (), OPS.conv2d_pooled.default: ("pool",),
-               OPS.conv2d_into.default: ("into",)}
+    SOURCES = {getattr(OPS, name).default: name for name in (
+        "conv2d", "conv2d_pooled", "conv2d_into", "separable_conv2d", "separable_conv2d_into",
+        "pool_conv2d", "pool_conv2d_into")}
 
     def __init__(self, answer):
         super().__init__()
@@ -190,26 +265,34 @@ class _AskedKeys(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def _ask(self, func, args):
-        conv_op = importlib.import_module("cnnfuse.ops.conv2d")  # cnnfuse.ops.conv2d: the function
+        name = self.SOURCES[func]
+        family = name.replace("_into", "").replace("_pooled", "")
+        module = importlib.import_module(f"cnnfuse.ops.{family}")  # not the function
         recorded = []
 
         def pick(tuner, key, candidates, reference, tolerance, default):
-            recorded.append((key, [n for n in candidates if n.startswith("triton_")], default))
+            recorded.append((tuner.op, key, [n for n in candidates if n.startswith("triton_")],
+                             default))
             raise _Asked
 
-        x, w, b, stride, padding, dilation, groups, act, res, scale, affine, in_act = args[:12]
-        pool = x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32) \
-            if func is OPS.conv2d_pooled.default else None
-        dest = args[12].narrow(1, args[13], w.shape[0]) if func is OPS.conv2d_into.default \
-            else None
+        head = len(args) - 2 if name.endswith("_into") else len(args)
+        dest = None
+        if name.endswith("_into"):
+            weight = args[1] if family == "conv2d" else args[5 if family == "pool_conv2d" else 7]
+            dest = args[-2].narrow(1, args[-1], weight.shape[0])
         with pytest.MonkeyPatch.context() as mp:  # this mode is off inside its dispatch
             mp.setattr(autotune.Autotuner, "pick", pick)
             with contextlib.suppress(_Asked):
-                conv_op._run(x, w, b, stride, padding, dilation, groups, act, res,
-                             (scale, affine, in_act), dest, pool)
+                if family == "conv2d":
+                    x, w = args[:2]
+                    pool = x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32) \
+                        if name == "conv2d_pooled" else None
+                    module._run(*args[:9], tuple(args[9:12]), dest, pool)
+                else:
+                    module._run(*args[:head], dest)
         if recorded:
-            key, triton_names, default = recorded[0]
-            self.keys.append((key, self.answer(key, triton_names, default)))
+            op, key, triton_names, default = recorded[0]
+            self.keys.append((op, key, self.answer(key, triton_names, default)))
 
 
 class _Asked(Exception):
@@ -217,21 +300,24 @@ class _Asked(Exception):
 
 
 def _simulated_picks(fused, x, answer):
-    """{conv2d: {key: pick}} as cnnfuse.tune on a GPU would record them for x."""
+    """[(key, pick)] as cnnfuse.tune on a GPU would record them for x; autotune.preset then
+    holds them ({op: {key: pick}})."""
     asking = _AskedKeys(answer)
     with asking, torch.no_grad():
         fused(x)
-    return asking.keys
+    autotune.preset = {}
+    for op, key, pick in asking.keys:
+        autotune.preset.setdefault(op, {})[key] = pick
+    return [(key, pick) for _, key, pick in asking.keys]
 
 
-def _export_with_picks(tmp_path, answer, batch=3, shape_env=None):
-    """(program, [(key, pick)], fake mode) of Net exported on fake CUDA tensors with the
+def _export_with_picks(tmp_path, answer, batch=3, shape_env=None, model=Net):
+    """(program, [(key, pick)], fake mode) of `model` exported on fake CUDA tensors with the
     picks `answer` gives, as if tuned on a GPU."""
-    fused = cnnfuse.fuse(randomize_batchnorm(Net()).eval())
+    fused = cnnfuse.fuse(randomize_batchnorm(model()).eval())
     mode, (x,) = _fake_cuda(fused, _nhwc(batch, 3, 9, 11), shape_env=shape_env)
     with mode:
         keys = _simulated_picks(fused, x, answer)
-    autotune.preset = {"conv2d": dict(keys)}
     program = cnnfuse.export(fused, x, tmp_path / "m.pt2")
     return program, keys, mode
 
@@ -263,6 +349,22 @@ def test_export_writes_triton_ops_where_the_picks_are_triton(tmp_path, caplog):
     assert (tmp_path / "m.pt2").stat().st_size > 0
 
 
+def test_export_writes_window_triton_ops_for_separable_and_pool_projection(tmp_path):
+    program, keys, _ = _export_with_picks(
+        tmp_path, lambda key, names, default: names[-1] if names else default, model=NetW)
+    assert len(keys) == 4 and all(p.startswith("triton_") for _, p in keys), keys
+    calls = {str(n.target) for n in program.graph.nodes if n.op == "call_function"
+             and str(n.target).startswith("cnnfuse.")}
+    assert calls == {"cnnfuse.conv2d_triton.default", "cnnfuse.separable_conv2d_triton.default",
+                     "cnnfuse.conv2d_triton_into.default",
+                     "cnnfuse.pool_conv2d_triton_into.default"}, calls
+    by_key = dict(keys)
+    (pool,) = _calls(program, OPS.pool_conv2d_triton_into.default)
+    assert Conv2dConfig(*pool.args[9]).name == next(p for k, p in keys if "max pool" in k)
+    (sep,) = _calls(program, OPS.separable_conv2d_triton.default)
+    assert Conv2dConfig(*sep.args[11]).name == next(p for k, p in by_key.items() if "| pw" in k)
+
+
 def test_without_a_triton_pick_the_program_is_unchanged(tmp_path, monkeypatch):
     program, keys, _ = _export_with_picks(tmp_path, lambda key, names, default: "cudnn")
     assert not any(n.target in triton_conv2d.OPS.values() for n in program.graph.nodes
@@ -283,9 +385,8 @@ def test_a_pick_for_another_batch_is_not_used(tmp_path):
     fused = cnnfuse.fuse(randomize_batchnorm(Net()).eval())
     mode, (x, x3) = _fake_cuda(fused, _nhwc(4, 3, 9, 11), _nhwc(3, 3, 9, 11))
     with mode:
-        keys = _simulated_picks(fused, x, lambda key, names, default: names[0] if names
-                                else default)
-    autotune.preset = {"conv2d": dict(keys)}
+        _simulated_picks(fused, x, lambda key, names, default: names[0] if names
+                         else default)
     program = cnnfuse.export(fused, x3, tmp_path / "m.pt2")
     assert not any(n.target in triton_conv2d.OPS.values() for n in program.graph.nodes
                    if n.op == "call_function")
@@ -312,18 +413,42 @@ def test_aot_autograd_traces_the_triton_kernel_with_a_symbolic_batch(tmp_path, m
         assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:]
         return
     import triton
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Target())
+    for model in (Net, NetW):
+        hops, keys, constants = _traced_hops(tmp_path, model, caplog)
+        names = [c["name"] for c in constants]
+        n_triton = sum(pick.startswith("triton_") for _, pick in keys)
+        n_split = sum("sk" in pick for _, pick in keys)
+        assert names.count("_conv2d_kernel") == n_triton >= 3, (model, names)
+        assert names.count("_splitk_reduce_kernel") == n_split
+        for n in hops:
+            kw = n.kwargs["kwargs"]
+            batch = kw["N"] if "N" in kw else kw["M"]
+            assert isinstance(batch, torch.fx.Node), "the batch was specialised"
+            assert isinstance(n.kwargs["grid"][0][0], torch.fx.Node)
+            assert n.kwargs["tensors_to_clone"] in (["y_ptr"], ["ws_ptr"]), n.kwargs
+        if model is Net:
+            acts = [c["ACT"] for c in constants if "ACT" in c]
+            assert (9, 0.2, 0.0) in acts, acts  # the stem's leaky_relu(0.2), parameters and all
+        else:  # the windows: a depthwise conv's and a max pool's
+            assert {c.get("DW") for c in constants} >= {True} and 1 in {
+                c.get("POOL_IN") for c in constants}, constants
+
+
+def _traced_hops(tmp_path, model, caplog):
+    """The Triton kernel HOPs AOTAutograd traces from `model`'s program (exported with
+    split-K picks where there are some), the picks, and each HOP's constants and kernel
+    name."""
     from torch._functorch.aot_autograd import aot_export_module
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     program, keys, mode = _export_with_picks(
         tmp_path, lambda key, names, default: next(
             (n for n in names if "sk" in n), names[0] if names else default),
-        shape_env=ShapeEnv())
-    monkeypatch.setattr(triton.runtime.driver, "_active", _Target())
+        shape_env=ShapeEnv(), model=model)
     x = mode.from_tensor(_nhwc(5, 3, 9, 11), symbolic_context=StatelessSymbolicContext(
         dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * 3))
     with mode:
         x = x.to("cuda")
-    module = program.module()
 
     class Tupled(nn.Module):
         def __init__(self, m):
@@ -332,32 +457,23 @@ def test_aot_autograd_traces_the_triton_kernel_with_a_symbolic_batch(tmp_path, m
 
         def forward(self, x):
             return (self.m(x),)
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
-        gm, _ = aot_export_module(Tupled(module), (x,), trace_joint=False)
+        gm, _ = aot_export_module(Tupled(program.module()), (x,), trace_joint=False)
     assert "assuming every input is mutated" not in caplog.text
+    assert not any(str(n.target).startswith("cnnfuse.") and "_triton" in str(n.target)
+                   for n in gm.graph.nodes if n.op == "call_function")  # all decomposed
     hops = [n for n in gm.graph.nodes if n.op == "call_function"
             and n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    names = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in hops]
-    n_triton = sum(pick.startswith("triton_") for _, pick in keys)
-    n_split = sum("sk" in pick for _, pick in keys)
-    assert names.count("_conv2d_kernel") == n_triton and n_triton >= 3
-    assert names.count("_splitk_reduce_kernel") == n_split
-    for n in hops:
-        kw = n.kwargs["kwargs"]
-        batch = kw["N"] if "N" in kw else kw["M"]
-        assert isinstance(batch, torch.fx.Node), "the batch was specialised"
-        assert isinstance(n.kwargs["grid"][0][0], torch.fx.Node)
-        assert n.kwargs["tensors_to_clone"] in (["y_ptr"], ["ws_ptr"]), n.kwargs
     constants = [{**kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]),
-                  **n.kwargs["kwargs"]} for n in hops]
-    acts = [c["ACT"] for c in constants if "ACT" in c]
-    assert (9, 0.2, 0.0) in acts, acts  # the stem's leaky_relu(0.2), parameters and all
-    assert not any(n.target in (OPS.conv2d_triton.default, OPS.conv2d_triton_into.default)
-                   for n in gm.graph.nodes if n.op == "call_function")
+                  **n.kwargs["kwargs"],
+                  "name": kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__}
+                 for n in hops]
+    return hops, keys, constants
 
 
 def test_64_bit_indexing_is_chosen_for_the_largest_batch_a_program_accepts():
-    from cnnfuse.ops.triton_conv2d import _INT32_BATCH, _batch_bound
+    from cnnfuse.ops.triton_conv2d import _INT32_BATCH, batch_bound
     for upper, want in ((None, _INT32_BATCH), (1 << 20, 1 << 20), (1 << 40, _INT32_BATCH)):
         shape_env = ShapeEnv()
         mode = FakeTensorMode(shape_env=shape_env)
@@ -366,8 +482,8 @@ def test_64_bit_indexing_is_chosen_for_the_largest_batch_a_program_accepts():
         n = x.shape[0]
         if upper is not None:
             torch._check(n <= upper)
-        assert _batch_bound(n) == want
-    assert _batch_bound(7) == 7
+        assert batch_bound(n) == want
+    assert batch_bound(7) == 7
 
 
 def test_the_keys_export_computes_are_the_keys_the_op_asks(tmp_path):

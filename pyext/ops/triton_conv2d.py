@@ -30,8 +30,8 @@ from torch.library import triton_op, wrap_triton
 from .. import ref
 from .._ext import relaxed_capture
 from ..backend import requested_backend, triton_interpreting
-from ..kernels.conv2d import (_conv2d_kernel, _padded_weight, _splitk_reduce_kernel,
-                              pad_channels)
+from ..kernels.conv2d import (_conv2d_kernel, _fitted, _padded_weight,
+                              _splitk_reduce_kernel, pad_channels)
 from ..kernels.conv2d_args import REDUCE_BLOCK, arguments
 from ..kernels.conv2d_configs import Conv2dConfig, Conv2dProblem
 
@@ -45,7 +45,8 @@ def config_list(cfg: Conv2dConfig) -> list[int]:
     return [getattr(cfg, f) for f in CONFIG_FIELDS]
 
 
-def _config(config) -> Conv2dConfig:
+def config_of(config) -> Conv2dConfig:
+    """The Conv2dConfig of a `config` argument; ValueError for a malformed one."""
     if len(config) != len(CONFIG_FIELDS) or not all(
             isinstance(v, int) and v >= 1 for v in config):
         raise ValueError(f"config must be {len(CONFIG_FIELDS)} positive ints "
@@ -58,7 +59,7 @@ def _config(config) -> Conv2dConfig:
     return cfg
 
 
-def _batch_bound(n) -> int:
+def batch_bound(n) -> int:
     """The largest value a (maybe symbolic) batch size takes: the batch itself, the upper
     end of its range in the tracing shape environment, or a batch that forces 64-bit
     indexing when the range is unbounded."""
@@ -78,38 +79,46 @@ def _strides(t) -> Optional[tuple]:
 
 def _launch(x, weight, bias, residual, y, stride, padding, dilation, activation, input_scale,
             input_affine, input_activation, pool, cfg: Conv2dConfig, allow_tf32: bool):
-    """kernels.conv2d._run's launch, with wrap_triton and a batch that may be symbolic."""
+    """kernels.conv2d.conv2d's launch, with wrap_triton and a batch that may be symbolic."""
     n, c, h, w = x.shape
-    groups = c // weight.shape[1]
     if input_scale is not None:
         input_scale = input_scale.contiguous()
     if input_affine is not None:
         input_affine = input_affine.contiguous()
-    bound = _batch_bound(n)
-    # The scalar plan (lru-cached on concrete problems) is made at the largest batch, which
-    # fixes the 64-bit indexing choice for every batch; the batch-dependent launch values are
-    # then set from the real (maybe symbolic) batch below.
     p = Conv2dProblem.of_conv(
-        (bound, c, h, w), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
-        groups, bias=bias is not None, residual=residual is not None,
-        activation=ref.activation_args(activation),
+        (batch_bound(n), c, h, w), tuple(weight.shape), tuple(stride), tuple(padding),
+        tuple(dilation), c // weight.shape[1], bias=bias is not None,
+        residual=residual is not None, activation=ref.activation_args(activation),
         input_scale=None if input_scale is None else input_scale.dtype,
         input_affine=None if input_affine is None else input_affine.dtype,
         input_activation=ref.activation_args(input_activation), pooled=pool is not None,
         x_strides=_strides(x), y_strides=_strides(y), w_strides=_strides(weight),
         residual_strides=_strides(residual), allow_tf32=allow_tf32)
+    launch(p, cfg, dict(x=x, w=weight, bias=bias, res=residual, y=y, scale=input_scale,
+                        affine=input_affine, pool=pool), n)
+
+
+def launch(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict, n) -> None:
+    """kernels.conv2d._run through wrap_triton: the conv kernel (and its split-K sum) for
+    problem `p`, made at batch_bound(n), on `tensors` (as kernels.conv2d._run takes them,
+    y the destination), at batch n (an int or a symbolic size). The scalar plan (cached on
+    concrete problems) is made at the largest batch, which fixes the 64-bit indexing choice
+    for every batch; the batch-dependent values (the kernel's batch, the grids, the split-K
+    workspace) follow n."""
+    x, y = tensors["x"], tensors["y"]
+    if p.window is not None:  # as kernels.conv2d._run: fewer stages where a window needs it
+        cfg = _fitted(cfg, p.window.kernel[0] * p.window.kernel[1], x.element_size())
     # The interpreter multiplies bf16 tiles wrongly (see kernels.conv2d._run): fp32 dot, fp32 y.
     dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    dest, t = y, dict(x=x, w=weight, bias=bias, res=residual, y=y, scale=input_scale,
-                      affine=input_affine, pool=pool)
+    t = dict(tensors)
     if dot_fp32:
         t["y"] = torch.empty(y.shape, dtype=torch.float32).contiguous(
             memory_format=torch.channels_last)
         p = dataclasses.replace(p, y_strides=_strides(t["y"]))
     if p.stem:
-        t["x"], t["w"] = pad_channels(x), _padded_weight(weight)
+        t["x"], t["w"] = pad_channels(x), _padded_weight(t["w"])
     oh, ow = p.out_hw
-    m, k = n * oh * ow, weight.shape[0]
+    m, k = n * oh * ow, p.k
     if cfg.split_k > 1:
         t["ws"] = torch.empty(cfg.split_k * m * k, dtype=torch.float32, device=x.device)
     args, constexprs, _, reduce = arguments(p, cfg, x.dtype, t, dot_fp32)
@@ -128,8 +137,21 @@ def _launch(x, weight, bias, residual, y, stride, padding, dilation, activation,
         r_grid = ((m + bm - 1) // bm, (k + bn - 1) // bn)
         wrap_triton(_splitk_reduce_kernel)[r_grid](**r_kwargs)
     if dot_fp32:
-        dest.copy_(t["y"])
-    return dest
+        y.copy_(t["y"])
+
+
+def runs_kernel(x: torch.Tensor) -> bool:
+    """Whether the op launches the kernel (CUDA, or a real CPU tensor under the interpreter
+    with CNNFUSE_BACKEND=triton, as the cnnfuse ops do) rather than the reference."""
+    real = type(x) is torch.Tensor  # not a fake or functional tensor of a trace
+    return x.device.type == "cuda" or (
+        real and triton_interpreting() and requested_backend() == "triton")
+
+
+def launching(x: torch.Tensor):
+    """Around a launch on real tensors: a kernel compiled inside a CUDA graph capture may
+    load (as the cnnfuse ops' own launches)."""
+    return relaxed_capture() if type(x) is torch.Tensor else contextlib.nullcontext()
 
 
 def _compute(x, weight, bias, stride, padding, dilation, groups, activation, residual,
@@ -140,16 +162,14 @@ def _compute(x, weight, bias, stride, padding, dilation, groups, activation, res
          input_scale, input_affine, input_activation)
     if len(padding) != 4:
         raise ValueError(f"padding must be (left, right, top, bottom), got {list(padding)!r}")
-    cfg = _config(config)
-    real = type(x) is torch.Tensor  # not a fake or functional tensor of a trace
-    interpreted = real and triton_interpreting() and requested_backend() == "triton"
-    if x.device.type == "cuda" or interpreted:
+    cfg = config_of(config)
+    if runs_kernel(x):
         if x.stride(1) != 1 and x.shape[1] > 1:  # as ops.conv2d._run: the kernel is NHWC
             x = x.contiguous(memory_format=torch.channels_last)
         if residual is not None:
             residual = residual.contiguous(memory_format=torch.channels_last)
         weight = weight.contiguous(memory_format=torch.channels_last)
-        with relaxed_capture() if real else contextlib.nullcontext():
+        with launching(x):
             _launch(x, weight, bias, residual, y, stride, padding, dilation, activation,
                     input_scale, input_affine, input_activation, pool, cfg, allow_tf32)
         return y
@@ -225,5 +245,6 @@ OPS = {"conv2d": torch.ops.cnnfuse.conv2d_triton.default,
        "conv2d_pooled": torch.ops.cnnfuse.conv2d_triton_pooled.default,
        "conv2d_into": torch.ops.cnnfuse.conv2d_triton_into.default}
 
-__all__ = ["CONFIG_FIELDS", "OPS", "config_list", "conv2d_triton", "conv2d_triton_into",
-           "conv2d_triton_pooled"]
+__all__ = ["CONFIG_FIELDS", "OPS", "batch_bound", "config_list", "config_of",
+           "conv2d_triton", "conv2d_triton_into", "conv2d_triton_pooled", "launch",
+           "launching", "runs_kernel"]
