@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cnnfuse
 from cnnfuse import autotune
 from cnnfuse.kernels.conv2d_configs import Conv2dConfig, Conv2dProblem, default_config
-from cnnfuse.ops import triton_conv2d
+from cnnfuse.ops import triton_conv2d, triton_window_conv2d
 from cnnfuse.ops.triton_conv2d import config_list
 
 from .util import needs_triton, randomize_batchnorm
@@ -505,16 +505,16 @@ def test_an_aot_inductor_package_runs_the_tuned_triton_kernels(tmp_path, monkeyp
     kernel's binary and runs it without the op's Python launcher, at the tuned batch and at
     another, bit for bit as the exported program run eagerly (the same kernel and config)."""
     monkeypatch.setenv("CNNFUSE_BACKEND", "triton")
-    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.Conv2d(32, 24, 1), nn.BatchNorm2d(24))
-    fused = cnnfuse.fuse(randomize_batchnorm(model).eval(), dtype=torch.float16).cuda()
-    x = torch.randn(6, 16, 15, 17, device="cuda", dtype=torch.float16).contiguous(
+    fused = cnnfuse.fuse(randomize_batchnorm(NetW()).eval(), dtype=torch.float16).cuda()
+    x = torch.randn(6, 3, 15, 17, device="cuda", dtype=torch.float16).contiguous(
         memory_format=torch.channels_last)
     report = cnnfuse.tune(fused, x)
-    assert report.picks["conv2d"] and all(
-        p.startswith("triton_") for p in report.picks["conv2d"].values()), report
+    assert set(report.picks) == {"conv2d", "separable_conv2d", "pool_conv2d"}, report
+    assert all(p.startswith("triton_") for t in report.picks.values() for p in t.values())
     program = cnnfuse.export(fused, x, tmp_path / "m.pt2")
-    assert len(_calls(program, OPS.conv2d_triton.default)) == 2, program.graph
+    rewritten = [n for n in program.graph.nodes if n.op == "call_function" and n.target in
+                 {**triton_conv2d.OPS, **triton_window_conv2d.OPS}.values()]
+    assert len(rewritten) == 4, program.graph  # stem, separable, 1x1 and pool projection
     package = torch._inductor.aoti_compile_and_package(
         program, package_path=str(tmp_path / "m_aoti.pt2"))
     with zipfile.ZipFile(package) as zf:
@@ -530,7 +530,8 @@ def test_an_aot_inductor_package_runs_the_tuned_triton_kernels(tmp_path, monkeyp
             def no_python_launch(*args, **kwargs):
                 raise AssertionError("the package called the op's Python launcher")
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(triton_conv2d, "_launch", no_python_launch)
+                mp.setattr(triton_conv2d, "launch", no_python_launch)
+                mp.setattr(triton_window_conv2d, "launch", no_python_launch)
                 got = runner(xb)
             assert torch.equal(got, want), f"batch {b}"
         assert torch.equal(torch.compile(loaded)(x), fused(x))
