@@ -85,6 +85,19 @@ def test_cpu_implementation_is_the_conv2d_op():
     assert torch.allclose(pool, want.double().mean((2, 3)).float(), rtol=1e-5, atol=1e-6)
 
 
+def test_flops_are_counted_as_for_the_ops_they_stand_for():
+    from torch.utils.flop_counter import FlopCounterMode
+    for op, args in (("conv2d", _conv_args()), ("separable_conv2d", _separable_args()),
+                     ("pool_conv2d", _pool_args())):
+        counts = []
+        for fn, extra in ((getattr(OPS, op).default, ()),
+                          (getattr(OPS, f"{op}_triton").default, (CONFIG, False))):
+            with FlopCounterMode(display=False) as counter:
+                fn(*args, *extra)
+            counts.append(counter.get_total_flops())
+        assert counts[0] == counts[1] > 0, (op, counts)
+
+
 @pytest.mark.parametrize("config,message", [
     ([32, 16, 16, 4], "7 positive ints"), ([32, 16, 16, 4, 1, 8, 0], "7 positive ints"),
     ([24, 16, 16, 4, 1, 8, 1], "block_m=24 must be a power of two")])

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch.library import triton_op, wrap_triton
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import ref
 from .._ext import relaxed_capture
@@ -237,6 +238,13 @@ def conv2d_triton_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     y = out.narrow(1, out_channel_offset, weight.shape[0])
     _compute(x, weight, bias, stride, padding, dilation, groups, activation, residual,
              input_scale, input_affine, input_activation, config, allow_tf32, y, None)
+
+
+@register_flop_formula([torch.ops.cnnfuse.conv2d_triton, torch.ops.cnnfuse.conv2d_triton_into,
+                        torch.ops.cnnfuse.conv2d_triton_pooled])
+def _(x, weight, bias, stride, padding, dilation, *rest, out_shape=None, **kwargs):
+    from .conv2d import conv_flops
+    return conv_flops(x, weight, stride, padding, dilation)  # as for cnnfuse::conv2d
 
 
 # The three ops in the order of the cnnfuse ops they stand for (conv2d, conv2d_pooled,

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch.library import triton_op
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import ref
 from ..kernels.conv2d_configs import Conv2dProblem, Window
@@ -169,6 +170,24 @@ def pool_conv2d_triton_into(x: torch.Tensor, pool_mode: str, kernel_size: list[i
     out (N, C_total, OH, OW)."""
     _pool(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, residual,
           config, allow_tf32, out, out_channel_offset)
+
+
+@register_flop_formula([torch.ops.cnnfuse.separable_conv2d_triton,
+                        torch.ops.cnnfuse.separable_conv2d_triton_into])
+def _(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight, *rest,
+      out_shape=None, **kwargs):
+    from .conv2d import conv_flops, output_hw
+    oh, ow = output_hw(x[2], x[3], dw_weight[2:], dw_stride, dw_padding, dw_dilation)
+    return (conv_flops(x, dw_weight, dw_stride, dw_padding, dw_dilation)
+            + conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1)))
+
+
+@register_flop_formula([torch.ops.cnnfuse.pool_conv2d_triton,
+                        torch.ops.cnnfuse.pool_conv2d_triton_into])
+def _(x, pool_mode, kernel_size, stride, padding, weight, *rest, out_shape=None, **kwargs):
+    from .conv2d import conv_flops, output_hw
+    oh, ow = output_hw(x[2], x[3], kernel_size, stride, padding, (1, 1))
+    return conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1))
 
 
 # cnnfuse op -> the triton op cnnfuse.export writes for it
