@@ -2,7 +2,8 @@
 
 Each pass is `run(g: FusionGraph)` and rewrites the graph in place. The order matters where
 one rewrite exposes or consumes another's pattern: dropping inference no-ops exposes residual
-adds; SE gates go before BatchNorm prologues (the gate scales the conv's raw input); the
+adds; channel permutations go before conv_bn_act, which then folds the BatchNorms and
+activations moved before them; SE gates go before BatchNorm prologues (the gate scales the conv's raw input); the
 fused pairs (depthwise + 1x1, pool + 1x1) before the concatenations, so they write their
 slices; sibling merges last, so concat writers keep writing directly."""
 from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthrough,

@@ -75,7 +75,8 @@ def _channel_step(g: FusionGraph, node) -> Optional[str]:
         return None
     m = g.module(node)
     if isinstance(m, nn.BatchNorm2d):
-        ok = len(node.args) == 1 and not node.kwargs and bn_epilogue(m)[1] is None and g.called_once(node)
+        ok = (len(node.args) == 1 and not node.kwargs and bn_epilogue(m)[1] is None
+              and g.called_once(node) and _params_private(g, node))
         return "bn" if ok else None
     if activation_of_node(node, g.modules) is None or len(node.args) != 1:
         return None
@@ -87,9 +88,17 @@ def _channel_step(g: FusionGraph, node) -> Optional[str]:
 def _dense_conv(g: FusionGraph, node) -> Optional[nn.Conv2d]:
     m = g.module(node)
     if (isinstance(m, nn.Conv2d) and unsupported(m) is None and m.groups == 1
-            and g.called_once(node) and len(node.args) == 1 and not node.kwargs):
+            and g.called_once(node) and len(node.args) == 1 and not node.kwargs
+            and _params_private(g, node)):
         return m
     return None
+
+
+def _params_private(g: FusionGraph, node) -> bool:
+    """Whether the graph reads none of the module's parameters or buffers itself (then
+    permuting them changes what this one call computes only)."""
+    prefix = node.target + "."
+    return not any(n.op == "get_attr" and n.target.startswith(prefix) for n in g.graph.nodes)
 
 
 def _dense_source(g: FusionGraph, x) -> Optional[list]:
