@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import pytest
@@ -376,6 +377,35 @@ def test_export_writes_window_triton_ops_for_separable_and_pool_projection(tmp_p
     assert Conv2dConfig(*pool.args[9]).name == next(p for k, p in keys if "max pool" in k)
     (sep,) = _calls(program, OPS.separable_conv2d_triton.default)
     assert Conv2dConfig(*sep.args[11]).name == next(p for k, p in by_key.items() if "| pw" in k)
+
+
+def test_a_program_with_triton_ops_saves_loads_and_runs(tmp_path):
+    """The ops' schemas serialise: a CPU program whose convs were rewritten as export rewrites
+    CUDA ones saves, loads and computes what the fused model does (the CPU implementation)."""
+    fused = cnnfuse.fuse(randomize_batchnorm(NetW()).eval())
+    x = _nhwc(3, 3, 9, 11)
+    program = cnnfuse.export(fused, x, tmp_path / "plain.pt2")
+    targets = {**triton_conv2d.OPS, **triton_window_conv2d.OPS}
+    rewritten = 0
+    for node in program.graph.nodes:
+        name = str(node.target).removeprefix("cnnfuse.").removesuffix(".default")
+        if node.op == "call_function" and name in targets:
+            head = len(node.args) - 2 if name.endswith("_into") else len(node.args)
+            node.target = targets[name]
+            node.args = node.args[:head] + (CONFIG, False) + node.args[head:]
+            rewritten += 1
+    assert rewritten == 4
+    program.graph_module.recompile()
+    with warnings.catch_warnings():  # channels_last weights: see cnnfuse.export
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(program, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2")
+    assert sum(n.op == "call_function" and n.target in targets.values()
+               for n in loaded.graph.nodes) == 4
+    with torch.no_grad():
+        for b in (3, 5):
+            xb = _nhwc(b, 3, 9, 11)
+            assert torch.equal(loaded.module()(xb), fused(xb)), b
 
 
 def test_without_a_triton_pick_the_program_is_unchanged(tmp_path, monkeypatch):
