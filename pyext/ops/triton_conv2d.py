@@ -12,7 +12,11 @@ models never call them. The three schemas mirror those ops', with two arguments 
 
 The body launches kernels.conv2d's `_conv2d_kernel` (and its split-K sum) through
 torch.library.wrap_triton with the arguments kernels.conv2d_args builds for the runtime
-launch, so the kernel in a package is the one that was tuned. Under tracing the batch may be
+launch, so the kernel in a package is the one that was tuned, on the pointer path: a pick
+that loads through tensor-memory-accelerator descriptors (a "...tma" config) runs as its
+pointer twin, the same tiles and stages, because torch's tracing of wrap_triton does not
+capture descriptors yet (torch 2.14: "TMA descriptor capturing not yet supported in
+non-dynamo tracing"). Under tracing the batch may be
 symbolic: the kernel's batch argument, the grid and the split-K workspace follow it, and the
 choice of 64-bit indexing (a constexpr) is made for the largest batch the program accepts.
 
