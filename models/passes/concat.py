@@ -8,6 +8,7 @@ import operator
 from ..graph import FusionGraph
 from ..modules import FusedConv2d, FusedPoolConv2d, FusedSeparableConv2d
 from ..modules.concat import concat_buffer, concat_result, copy_into
+from ..modules.permute import interleave_channels
 from ..patterns import cat_parts, channel_shuffle_after
 
 
@@ -22,7 +23,7 @@ def run(g: FusionGraph) -> None:
 
 def _fuse(g: FusionGraph, cat) -> list:
     """Rewrites `cat`; returns the inner concatenations spliced into it."""
-    groups, chain = channel_shuffle_after(cat) or (1, [])
+    groups, chain = _shuffle_after(cat) or (1, [])
     parts, inner = _flat_parts(cat)
     writers = [p for p in parts if _writes_slice(g, p, parts)
                and not g.mutation_between(p, cat)]  # a writer moves down to the cat
@@ -65,13 +66,27 @@ def _fuse(g: FusionGraph, cat) -> list:
     return inner
 
 
+def _shuffle_after(cat):
+    """(groups, nodes) of the channel shuffle that alone reads the cat: the view/transpose
+    idiom, or the interleave an nn.ChannelShuffle or F.channel_shuffle became."""
+    found = channel_shuffle_after(cat)
+    if found:
+        return found
+    user = next(iter(cat.users)) if len(cat.users) == 1 else None
+    if (user is not None and user.op == "call_function" and user.target is interleave_channels
+            and user.args[0] is cat and len(user.args) == 3 and user.args[2] is False
+            and isinstance(user.args[1], int) and user.args[1] > 1):
+        return user.args[1], [user]
+    return None
+
+
 def _flat_parts(cat) -> tuple:
     """The parts of `cat` with every concatenation read only by it spliced in, and those inner
     concatenations."""
     parts, inner = [], []
     for p in cat_parts(cat):
         if (cat_parts(p) and len(p.users) == 1 and cat_parts(cat).count(p) == 1
-                and not channel_shuffle_after(p)):
+                and not _shuffle_after(p)):
             sub, subinner = _flat_parts(p)
             parts += sub
             inner += [p] + subinner

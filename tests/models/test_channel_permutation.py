@@ -193,3 +193,26 @@ def test_nothing_moves_past_other_readers(monkeypatch):
     assert code.count("interleave_channels(") == 2, code
     assert report.fused["batchnorm / activation moved before a channel permutation"] == 0
     assert report.activations_absorbed == 0, str(report)
+
+
+class _CatShuffle(nn.Module):
+    """Two conv branches concatenated, then nn.ChannelShuffle (ShuffleNet written with the
+    module): each conv stores every second channel of the buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5),
+                               nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 5, 1, bias=False), nn.BatchNorm2d(5), nn.ReLU())
+        self.shuffle = nn.ChannelShuffle(2)
+
+    def forward(self, x):
+        return self.shuffle(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_shuffle_module_after_a_concatenation_is_a_store(monkeypatch):
+    torch.manual_seed(0)
+    report, code = _check(_CatShuffle(), torch.randn(2, 4, 7, 5), monkeypatch)
+    assert report.fused["channel shuffle in conv stores"] == 1, str(report)
+    assert report.fused["conv writes its concat slice"] == 2, str(report)
+    assert "interleave_channels" not in code and "torch.cat" not in code, code

@@ -31,7 +31,7 @@ MODELS = {
 }
 
 # name: (BatchNorms gone, of all; convs fused, of all conv sites; activations absorbed, of
-# all, or None where another kernel's activation is still missing). What is left: the last
+# all). What is left: the last
 # BatchNorm after a residual add or concatenation (one affine + activation pass), GoogLeNet's
 # training-only aux classifiers (listed as never run).
 FIGURES = {
@@ -39,7 +39,7 @@ FIGURES = {
     "nf_regnet_b0": ((0, 0), (86, 86), (81, 81)),
     "tf_mobilenetv3_large_100": ((46, 46), (63, 63), (48, 48)),
     "mixnet_s": ((49, 49), (123, 123), (59, 59)),
-    "cspresnet50": ((55, 55), (55, 55), None),
+    "cspresnet50": ((55, 55), (55, 55), (51, 51)),
     "resnetv2_50": ((48, 49), (54, 54), (49, 49)),
     "repvgg_a0": ((61, 61), (44, 44), (22, 22)),
     "googlenet": ((57, 59), (57, 59), (57, 57)),
@@ -90,18 +90,13 @@ def test_coverage(name):
     assert acts <= listed, f"activations kept but not listed: {acts - listed}\n{text}"
     for key in keys:
         assert report.fused[key] > 0, f"{key!r} missing\n{text}"
-    # Every activation absorbed, but cspresnet50's LeakyReLU, which no kernel computes yet:
-    # each of those listed as such.
+    # The figures, and every activation absorbed (cspresnet50's LeakyReLU as
+    # leaky_relu(0.01)).
     bns, convs, acts = FIGURES[name]
     assert (report.bn_folded, report.batchnorms) == bns, text
     assert (report.conv_fused, report.conv_sites) == convs, text
-    if acts is not None:
-        assert (report.activations_absorbed, report.activation_sites) == acts, text
-    left = [r for _, r in report.unfused if "activation yet" in r]
-    if name == "cspresnet50":
-        assert len(left) == report.activation_sites > 0, text
-    else:
-        assert report.activations_absorbed == report.activation_sites > 0, text
+    assert (report.activations_absorbed, report.activation_sites) == acts, text
+    assert report.activations_absorbed == report.activation_sites > 0, text
 
 
 def test_googlenet_aux_classifiers_are_listed():
