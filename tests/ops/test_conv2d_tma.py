@@ -261,3 +261,45 @@ def test_grouped_tma_only_inside_one_group():
     assert all((wide.k // wide.groups) % c.block_n == 0 for c in cands if c.tma)
     assert any(c.tma for c in cands)
     assert not any(c.tma and c.block_n > 32 for c in cands)
+
+
+# ------------------------------------------------------------------ GPU
+
+GPU_CASES = [
+    (Case(4, 64, 14, 13, 96, (3, 3), padding=(1, 1, 1, 1)), Conv2dConfig(128, 64, 64, 4, 3)),
+    (Case(4, 40, 9, 9, 72, (1, 1)), Conv2dConfig(64, 64, 32, 4, 4)),
+    (Case(2, 256, 7, 7, 256, (3, 3), padding=(1, 1, 1, 1), groups=8),
+     Conv2dConfig(128, 32, 32, 4, 3)),
+    (Case(2, 3, 31, 30, 64, (7, 7), stride=(2, 2), padding=(3, 3, 3, 3)),
+     Conv2dConfig(128, 64, 32, 4, 3)),
+    (Case(2, 128, 9, 9, 64, (3, 3), padding=(1, 1, 1, 1)), Conv2dConfig(64, 64, 64, 4, 3,
+                                                                        split_k=3)),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case, cfg", GPU_CASES, ids=["3x3", "1x1", "grouped", "stem", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_cuda_descriptors_against_the_pointer_path(case, cfg, dtype, took):
+    """On the GPU (sm_90: the tensor memory accelerator): the TMA config and its pointer twin
+    agree with the fp64 reference, into poisoned channel slices."""
+    from dataclasses import replace
+
+    from .test_conv2d import make, out_hw
+    x, w, b, r = (t.cuda() for t in make(case, dtype, residual=True))
+    oh, ow = out_hw(case)
+    ref64 = torch_conv(case, x.cpu(), w.cpu(), b.cpu(), r.cpu(), "relu", torch.float64)
+    same = torch_conv(case, x, w, b, r, "relu", dtype).cpu()
+    for config in (replace(cfg, tma=True, x_tma=True), cfg):
+        out = torch.full((case.n, case.k + 3, oh, ow), float("nan"), dtype=dtype, device="cuda")
+        out = out.contiguous(memory_format=torch.channels_last)
+        y = out[:, 1:1 + case.k]
+        K.conv2d(x, w, b, r, y, case.stride, case.padding, case.dilation,
+                 activation_code("relu"), config, False)
+        torch.cuda.synchronize()
+        assert out[:, :1].isnan().all() and out[:, 1 + case.k:].isnan().all()
+        assert_within_torch_error(y.cpu(), same, ref64)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert took == [hopper, False]
+    assert took.x == [hopper and case.kernel == (1, 1), False]
