@@ -137,12 +137,14 @@ STEM_CASES = [
 @needs_triton
 @pytest.mark.parametrize("case", STEM_CASES, ids=[str(c) for c in STEM_CASES])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_stem(case, dtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_stem(case, dtype, tma):
+    """tma: the padded weight's kernel rows as descriptor boxes."""
     p = Conv2dProblem.of_conv((case.n, case.c, case.h, case.w),
                               (case.k, case.c, *case.kernel), case.stride, case.padding,
                               case.dilation)
     assert p.stem
-    check(case, dtype, Conv2dConfig(32, 16, 32, 4, 1), "silu", y_pad=(1, 2))
+    check(case, dtype, Conv2dConfig(32, 16, 32, 4, 1, tma=tma), "silu", y_pad=(1, 2))
 
 
 @needs_triton
