@@ -115,8 +115,8 @@ if variant == "no_descriptors":  # a Triton without tensor descriptors
 pad = (kernel[1] // 2, kernel[1] // 2, kernel[0] // 2, kernel[0] // 2)
 window = Window("dw", (3, 3), (2, 2), (1, 1, 1, 1), weight_strides=(9, 3, 1)) \
     if variant == "depthwise" else None
-problem = Conv2dProblem(
-    8, 3 if variant == "stem" else 256, 28, 28, 256, *kernel,
+problem = Conv2dProblem(  # the default picks at batch 128, where 128x256 tiles are candidates
+    128 if sys.argv[1] == "default" else 8, 3 if variant == "stem" else 256, 28, 28, 256, *kernel,
     stride=(2, 2) if variant == "stem" else (1, 1), padding=pad, groups=groups, residual=True,
     input_scale=dtype if variant == "scale" else None, window=window)
 config = conv2d.default_config(problem, dtype=dtype) if sys.argv[1] == "default" \
