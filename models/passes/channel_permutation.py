@@ -71,14 +71,16 @@ def _collapse(g: FusionGraph) -> None:
 def _channel_step(g: FusionGraph, node) -> Optional[str]:
     """'bn' or 'act' when `node` is per channel on its one input (an eval BatchNorm, an
     activation without parameters), else None."""
-    if not isinstance(node, fx.Node) or set(node.kwargs) - {"inplace"}:
+    if not isinstance(node, fx.Node) or not node.args:
         return None
     m = g.module(node)
     if isinstance(m, nn.BatchNorm2d):
         ok = (len(node.args) == 1 and not node.kwargs and bn_epilogue(m)[1] is None
               and g.called_once(node) and _params_private(g, node))
         return "bn" if ok else None
-    if activation_of_node(node, g.modules) is None or len(node.args) != 1:
+    # (an activation's other arguments are constants: a slope, bounds, inplace)
+    if activation_of_node(node, g.modules) is None or any(
+            isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
         return None
     if m is not None and any(True for _ in m.parameters()):
         return None  # (a per-channel slope would need permuting too)
@@ -190,7 +192,7 @@ def _commute_step(g: FusionGraph, p) -> bool:
         # with perm[i] = j
         _index_module(bn, torch.argsort(interleave_index(bn.num_features, groups, inverse)))
     step.replace_all_uses_with(p)
-    step.args = (x,)
+    step.args = (x,) + tuple(step.args[1:])
     p.args = (step,) + tuple(p.args[1:])
     p.prepend(step)
     g.report.add(_MOVED)

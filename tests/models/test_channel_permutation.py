@@ -216,3 +216,24 @@ def test_shuffle_module_after_a_concatenation_is_a_store(monkeypatch):
     assert report.fused["channel shuffle in conv stores"] == 1, str(report)
     assert report.fused["conv writes its concat slice"] == 2, str(report)
     assert "interleave_channels" not in code and "torch.cat" not in code, code
+
+
+class _Slope(nn.Module):
+    """grouped conv → BN → shuffle → F.leaky_relu(·, 0.2) → grouped conv: the activation's
+    slope is a constant, so it moves before the shuffle with the BatchNorm and both fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(6, 12, 3, padding=1, groups=3, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.b = nn.Conv2d(12, 6, 1, groups=2)
+
+    def forward(self, x):
+        return self.b(F.leaky_relu(interleave(self.bn(self.a(x)), 3), 0.2))
+
+
+def test_activation_with_constant_arguments_moves(monkeypatch):
+    torch.manual_seed(0)
+    report, _ = _check(_Slope(), torch.randn(1, 6, 7, 9), monkeypatch)
+    assert report.bn_folded == 1 and report.activations_absorbed == 1, str(report)
+    assert report.fused["activation leaky_relu(0.2)"] == 1, str(report)
