@@ -55,8 +55,11 @@ class _Tracer(fx.Tracer):
         return _InPlaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # BatchNorm subclasses (timm's BatchNormAct2d) stay whole so they can be folded.
-        if isinstance(m, (FusedConv2d, nn.BatchNorm2d)):
+        # BatchNorm subclasses (timm's BatchNormAct2d) stay whole so they can be folded, and
+        # timm's activation modules (Mish, Swish, ...) whole so they are matched by type (by
+        # type only: during the trace their parameters are proxies).
+        if isinstance(m, (FusedConv2d, nn.BatchNorm2d)) or type(m).__module__.startswith(
+                "timm.layers.activations"):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -25,7 +25,8 @@ def _identity_bn(channels: int, like: torch.Tensor) -> nn.BatchNorm2d:
 def _fuse_activation(g: FusionGraph, act_node) -> None:
     act = activation_of_node(act_node, g.modules)
     x = act_node.args[0] if act is not None and act_node.args else None
-    if x is None or not hasattr(x, "op") or len(act_node.args) != 1 or (
+    # activation_of_node has checked that any further arguments are fuse-time constants
+    if x is None or not hasattr(x, "op") or (
             act_node.op == "call_module" and not g.called_once(act_node)):
         return
     # An in-place activation also changes x for its other readers: it must stay.

@@ -14,7 +14,7 @@ from ..modules import FusedConv2d
 from ..modules.conv2d_same import FusedConv2dSame, SamePad
 from ..patterns import activation_of_module, activation_of_node, identity_at_inference
 from ..report import FusionReport
-from .leftover_act import activation_module_name
+from .leftover_act import activation_module_name, kept_reason
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -204,10 +204,8 @@ def run_sequential(seq: nn.Sequential, report: FusionReport, prefix: str) -> Non
     for name, m in seq._modules.items():
         act = activation_module_name(m)
         if act:
-            supported = activation_of_module(m) is not None
-            report.skip(prefix + name, f"{act}: " + (
-                "after something no pass fuses it into; kept" if supported
-                else "no fused kernel computes this activation yet; kept"), kind="activation")
+            report.skip(prefix + name, kept_reason(act, m, activation_of_module(m) is not None),
+                        kind="activation")
         elif isinstance(m, nn.BatchNorm2d):
             why = bn_epilogue(m)[1]
             report.skip(prefix + name, f"{why}; kept" if why else

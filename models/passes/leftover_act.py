@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import FusionGraph
-from ..patterns import activation_of_node
+from ..patterns import activation_of_node, unfused_activation_reason
 
 _TORCH_ACTIVATIONS = tuple(
     getattr(nn, name) for name in (
@@ -39,14 +39,20 @@ def activation_name(node, modules) -> str:
     return ""
 
 
+def kept_reason(name: str, module, supported: bool) -> str:
+    """explain's reason for an activation left as it is."""
+    if not supported:
+        why = unfused_activation_reason(module) if module is not None else None
+        return why or f"{name}: no fused kernel computes this activation yet; kept"
+    return f"{name}: after something no pass fuses it into; kept"
+
+
 def run(g: FusionGraph) -> None:
     for node in g.graph.nodes:
         name = activation_name(node, g.modules)
         if not name:
             continue
         site = g.site(node) if node.op == "call_module" else f"{g.prefix}{node.name}"
-        if activation_of_node(node, g.modules) is None:
-            reason = f"{name}: no fused kernel computes this activation yet; kept"
-        else:
-            reason = f"{name} after something no pass fuses it into; kept"
+        module = g.modules.get(node.target) if node.op == "call_module" else None
+        reason = kept_reason(name, module, activation_of_node(node, g.modules) is not None)
         g.report.skip(site, reason, kind="activation")
