@@ -9,22 +9,31 @@ that way, keeps the CompiledKernel it returns, and afterwards calls the compiled
 launcher directly with the grid, the current stream and every parameter's value in the
 kernel's declaration order, which is what `JITFunction.run` passes it.
 
-The key is finer than Triton's: each int or float argument by its exact value, each tensor by
-its dtype and its address modulo 16, a host-side TMA descriptor by its base's dtype and
-address modulo 16, its shape, strides, box and padding, every constexpr and launch option by
-value, the type of every argument, and the current device. A call that differs from a cached one in anything
-Triton specialises on therefore misses and is compiled (or found) by Triton itself; a cache
-held by a caller whose own key fixes shapes and strides (a fused module's plan) sees one
-entry per plan.
+The key is finer than Triton's: each int, bool, float or string argument by its type and
+exact value (a float by its bits, so 0.0 and -0.0 differ; inside tuples too, so (1, 2),
+(True, 2) and (1.0, 2) differ), each tensor by its dtype and its address modulo 16, a host-side
+TMA descriptor (triton.tools.tensor_descriptor's) by its base's dtype and address modulo 16,
+its shape, strides, box and padding, every constexpr and launch option likewise, the type of
+every argument, the current device, and the knobs Triton adds to each call's options
+(knobs.runtime.debug, knobs.compilation.instrumentation_mode). A call that differs from a
+cached one in anything Triton specialises on therefore misses and is compiled (or found) by
+Triton itself; a cache held by a caller whose own key fixes shapes and strides (a fused
+module's plan) sees one entry per plan. As Triton does, a cached launch first checks that the
+global values the kernel read when it was compiled are unchanged; where one is not, the
+launch is the plain one, which raises Triton's error.
 
 What is launched the plain way, always: the interpreter (TRITON_INTERPRET=1; the kernel is an
 InterpretedFunction), a Triton version whose launch convention has not been checked (said once),
-a callable grid, a kernel with pre-run hooks, an argument that is neither a tensor nor a
-plain value (its identity would be the key), an asynchronously compiled kernel.
+a callable grid, a kernel with pre-run hooks, knobs.runtime.add_stages_inspection_hook set
+(its hash is part of Triton's key), an argument or launch option that is neither a tensor nor
+a plain value (a list, a dict, any other object, gluon's TensorDescriptor whose layout Triton
+specialises on: its identity would be the key), an asynchronously compiled kernel.
 
 CNNFUSE_CHECK_LAUNCH=1 checks every cached launch: each tensor argument is copied (same
 strides, same address modulo 16), the plain launch runs on the copies and every tensor must
-come out bit for bit equal; a RuntimeError names the first one that does not.
+come out bit for bit equal; a RuntimeError names the first one that does not. Not during a
+CUDA graph capture (the comparison synchronises, which a capture forbids): the launch is only
+recorded then.
 """
 import logging
 import os
@@ -44,7 +53,10 @@ VERIFIED_VERSIONS = ("3.4.", "3.5.", "3.6.", "3.8.")
 MAX_ENTRIES = 64  # per cache: a caller feeding ever new shapes starts over, not grows
 MAX_PATTERNS = 4  # binders per kernel (types of the arguments: a tensor or None, an int or a bool)
 
-_PLAIN_VALUES = (int, float, bool, str, type(None), torch.dtype)
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _Descriptor
+except ImportError:  # a Triton without host-side descriptors
+    _Descriptor = None
 
 _ENV = getattr(os.environ, "_data", None)  # as cnnfuse.ops._eager reads it: per call, cheap
 if _ENV is not None and not all(isinstance(k, bytes) for k in list(_ENV)[:1]):
@@ -52,10 +64,14 @@ if _ENV is not None and not all(isinstance(k, bytes) for k in list(_ENV)[:1]):
 
 
 def checking() -> bool:
-    """CNNFUSE_CHECK_LAUNCH=1: every cached launch is compared with the plain one."""
+    """CNNFUSE_CHECK_LAUNCH=1: every cached launch is compared with the plain one, except
+    while the current stream is capturing a CUDA graph (comparing synchronises)."""
     if _ENV is None:
-        return os.environ.get("CNNFUSE_CHECK_LAUNCH") == "1"
-    return _ENV.get(b"CNNFUSE_CHECK_LAUNCH") == b"1"
+        on = os.environ.get("CNNFUSE_CHECK_LAUNCH") == "1"
+    else:
+        on = _ENV.get(b"CNNFUSE_CHECK_LAUNCH") == b"1"
+    # no capture can be under way before CUDA is initialised (and asking would initialise it)
+    return on and not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def _warn_once(message: str, _said=set()) -> None:
@@ -70,14 +86,24 @@ def version_verified(version: str = None) -> bool:
 
 
 class _Entry:
-    """One specialisation's compiled kernel and the pieces its launcher takes."""
-    __slots__ = ("kernel", "run", "function", "packed_metadata")
+    """One specialisation's compiled kernel, the pieces its launcher takes, and the global
+    values the JITFunction read when it was compiled, (name, globals dict, value) each: Triton
+    refuses a launch once one has changed."""
+    __slots__ = ("kernel", "run", "function", "packed_metadata", "globals")
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, fn):
         self.kernel = kernel
         self.run = kernel.run  # initialises the handles (the plain launch already did)
         self.function = kernel.function
         self.packed_metadata = kernel.packed_metadata
+        self.globals = tuple((name, where, value) for (name, _), (value, where)
+                             in getattr(fn, "used_global_vals", {}).items())
+
+    def globals_unchanged(self) -> bool:
+        return all(where.get(name, _MISSING) == value for name, where, value in self.globals)
+
+
+_MISSING = object()
 
 
 def make_binder(fn, classes: tuple):
@@ -101,26 +127,93 @@ def make_binder(fn, classes: tuple):
         if issubclass(c, torch.Tensor):
             return f"({n}.dtype, {n}.data_ptr() & 15), "
         if _is_descriptor(c):  # the launcher unpacks it: its base as a pointer, then the rest
-            return (f"({n}.base.dtype, {n}.base.data_ptr() & 15, tuple({n}.shape), "
-                    f"tuple({n}.strides), tuple({n}.block_shape), {n}.padding, "
-                    f"getattr({n}, 'round_f32_to_tf32', False)), ")
-        return f"{n}, "
+            return (f"({n}.base.dtype, {n}.base.data_ptr() & 15, _exact(tuple({n}.shape)), "
+                    f"_exact(tuple({n}.strides)), _exact(tuple({n}.block_shape)), "
+                    f"_exact({n}.padding), getattr({n}, 'round_f32_to_tf32', False)), ")
+        if issubclass(c, float):  # 0.0 == -0.0, and a constexpr bakes in either
+            return f"{n}.hex(), "
+        if issubclass(c, (int, str)) or c in (type(None), torch.dtype):
+            return f"{n}, "  # its class is fixed by the guard
+        return f"_exact({n}), "
     parts = "".join(part(n, c) for n, c in zip(names, classes))
     source = (f"def bind({arglist}**options):\n"
               f"    values = ({''.join(n + ', ' for n in names)})\n"
               f"    if not ({guard}):\n"
               f"        return None, values\n"
-              f"    return (_classes, {parts}tuple(options.items())), values\n")
+              f"    return (_classes, {parts}_options(options)), values\n")
     namespace = {f"_default_{n}": p.default for n, p in zip(names, params)
                  if p.default is not p.empty}
-    namespace.update({f"_class_{i}": c for i, c in enumerate(classes)}, _classes=classes)
+    namespace.update({f"_class_{i}": c for i, c in enumerate(classes)}, _classes=classes,
+                     _exact=exact, _options=_options)
     exec(compile(source, f"<cnnfuse launch binder {fn.__name__}>", "exec"), namespace)
     return namespace["bind"]
 
 
 def _is_descriptor(cls) -> bool:
-    """A host-side TMA descriptor (triton.tools.tensor_descriptor.TensorDescriptor)."""
-    return cls.__name__ == "TensorDescriptor" and cls.__module__.startswith("triton.")
+    """A host-side TMA descriptor, triton.tools.tensor_descriptor.TensorDescriptor exactly
+    (gluon's has a shared-memory layout too, which Triton specialises on: not keyed here)."""
+    return cls is _Descriptor and cls is not None
+
+
+OPAQUE = "<cnnfuse: not a plain value>"  # in a key: the call is launched the plain way
+
+
+def exact(v):
+    """A hashable key for a plain value that tells apart whatever Triton's specialisation
+    does: the type with the value (True is not 1, 1.0 is not 1), a float by its bits (0.0 is
+    not -0.0; every nan alike), a tuple element by element, a constexpr by what it holds, a
+    Triton dtype by its name. OPAQUE for anything else (a tensor in a tuple, a list, a dict,
+    an object): Triton would key it by more than its value, or by its identity."""
+    cls = v.__class__
+    if cls in _AS_IS:
+        return cls, v
+    if cls is tuple:
+        types = tuple(map(type, v))
+        if _AS_IS.issuperset(types):  # == is exact for these, once the types match
+            return cls, types, v
+        return cls, tuple([exact(x) for x in v])
+    if cls is float:
+        return cls, v.hex()
+    # subclasses (a namedtuple, an IntEnum, numpy's float64) and Triton's own values
+    if isinstance(v, float):
+        return cls, float.hex(v)
+    if isinstance(v, (int, str)):
+        return cls, v
+    if isinstance(v, tuple):
+        return cls, tuple([exact(x) for x in v])
+    if isinstance(v, _tl_constexpr()):
+        return cls, exact(v.value)
+    if isinstance(v, _tl_dtype()):
+        return cls, str(v)
+    return OPAQUE
+
+
+_AS_IS = frozenset((int, bool, str, type(None), torch.dtype))
+
+
+def _options(options: dict) -> tuple:
+    """The launch options' key (num_warps=4 and the like: ints, the usual case, as they are)."""
+    if not options:
+        return ()
+    types = tuple(map(type, options.values()))
+    if _AS_IS.issuperset(types):
+        return types, tuple(options.items())
+    return tuple([(k, exact(v)) for k, v in options.items()])
+
+
+_tl = []
+
+
+def _tl_constexpr():
+    if not _tl:
+        import triton.language as tl
+        _tl[:] = [tl.constexpr, tl.dtype]
+    return _tl[0]
+
+
+def _tl_dtype():
+    _tl_constexpr()
+    return _tl[1]
 
 
 def bind_values(fn, args: tuple, kwargs: dict) -> tuple:
@@ -131,18 +224,17 @@ def bind_values(fn, args: tuple, kwargs: dict) -> tuple:
     return tuple(bound.arguments.values())
 
 
-def _plain_value(v) -> bool:
-    if isinstance(v, tuple):
-        return all(_plain_value(x) for x in v)
-    return isinstance(v, _PLAIN_VALUES) or type(v).__module__.startswith("triton.language")
+def _opaque(part) -> bool:
+    if part is OPAQUE:
+        return True
+    return isinstance(part, tuple) and any(map(_opaque, part))
 
 
 def cacheable(classes: tuple, key) -> bool:
-    """No argument in the key stands for itself by identity (a tensor inside a tuple, an
-    object with a data_ptr that is not a tensor): such a key could match a call it does not
-    fit."""
-    return all(issubclass(c, torch.Tensor) or _is_descriptor(c) or _plain_value(part)
-               for c, part in zip(classes, key[1:-1])) and _plain_value(key[-1])
+    """No argument or option in the key stands for more than its value (a tensor inside a
+    tuple, a list, an object with a data_ptr that is not a tensor): such a key could match a
+    call it does not fit."""
+    return not any(map(_opaque, key[1:]))
 
 
 class _Kernel:
@@ -191,16 +283,21 @@ def _current():
     return _driver[0]
 
 
+def _knobs():
+    """(knobs.runtime, knobs.compilation), imported on the first cached launch."""
+    if not _knob_groups:
+        from triton import knobs
+        _knob_groups.extend((knobs.runtime, knobs.compilation))
+    return _knob_groups
+
+
 def _hooks():
     """Triton's launch hooks as they are now (a profiler may set them at any time)."""
-    if not _runtime_knobs:
-        from triton import knobs
-        _runtime_knobs.append(knobs.runtime)
-    runtime = _runtime_knobs[0]
+    runtime = _knobs()[0]
     return runtime.launch_enter_hook, runtime.launch_exit_hook
 
 
-_runtime_knobs = []
+_knob_groups = []
 
 
 def plain(kernel, grid, args, kwargs):
@@ -219,6 +316,9 @@ def launch(kernel, grid, args: tuple, kwargs: dict, cache: dict = None):
         setattr(kernel, _STATE, state)
     if not state.direct or getattr(kernel, "pre_run_hooks", None) or callable(grid):
         return plain(kernel, grid, args, kwargs)
+    runtime, compilation = _knobs()
+    if runtime.add_stages_inspection_hook is not None:
+        return plain(kernel, grid, args, kwargs)
     key, values = state.bind(kernel, args, kwargs)
     if key is None:
         return plain(kernel, grid, args, kwargs)
@@ -226,11 +326,13 @@ def launch(kernel, grid, args: tuple, kwargs: dict, cache: dict = None):
     device = get_device()
     if cache is None:
         cache = state.cache
-    entry = cache.get((device, key))
+    # JITFunction.run adds these two knobs to every call's options
+    full_key = (device, runtime.debug, compilation.instrumentation_mode, key)
+    entry = cache.get(full_key)
     if entry is None:
-        return _first(kernel, grid, args, kwargs, cache, (device, key))
-    if entry is False:
-        return plain(kernel, grid, args, kwargs)
+        return _first(kernel, grid, args, kwargs, cache, full_key)
+    if entry is False or (entry.globals and not entry.globals_unchanged()):
+        return plain(kernel, grid, args, kwargs)  # Triton's own launch, or its error
     stream = get_stream(device)
     if checking():
         return _checked(entry, kernel, grid, args, kwargs, values, stream)
@@ -258,10 +360,10 @@ def _first(kernel, grid, args, kwargs, cache, key):
     compiled = plain(kernel, grid, args, kwargs)
     if len(cache) >= MAX_ENTRIES:
         cache.clear()
-    if compiled is None or hasattr(compiled, "result") or not cacheable(key[1][0], key[1]):
+    if compiled is None or hasattr(compiled, "result") or not cacheable(key[-1][0], key[-1]):
         cache[key] = False  # plain from now on: nothing safe to keep
     else:
-        cache[key] = _Entry(compiled)
+        cache[key] = _Entry(compiled, kernel)
     return compiled
 
 

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import (JITFunction, compute_cache_key,
+                                create_function_from_signature)
 
 from cnnfuse.kernels import launch
 from cnnfuse.kernels.conv2d import _conv2d_kernel
@@ -83,30 +84,65 @@ def test_defaults_are_applied():
 
 
 def _variants():
-    """(name, change) pairs: each makes Triton specialise differently."""
+    """name -> (first call, second call), each (args, kwargs) of _scale_kernel: two calls that
+    Triton specialises differently, so a cached launch of the first must not serve the
+    second."""
+    x = torch.empty(64, dtype=torch.float16)
+    assert x.data_ptr() % 16 == 0
+    base = (x, x, 5, 1.5, False)
+    kw = dict(BLOCK=16, num_warps=4)
+
+    def args(**change):
+        a = dict(zip(("x", "y", "n", "factor", "flag"), base))
+        a.update(change)
+        return tuple(a.values()), kw
+
+    def constexprs(first, second):  # MODE, once as `first`, once as `second`
+        return (base, dict(kw, MODE=first)), (base, dict(kw, MODE=second))
     return {
-        "misaligned_pointer": lambda a: (a[0][1:],) + a[1:],
-        "pointer_dtype": lambda a: (a[0].float(),) + a[1:],
-        "int_to_one": lambda a: a[:2] + (1,) + a[3:],
-        "int_divisible_by_16": lambda a: a[:2] + (32,) + a[3:],
-        "int_past_int32": lambda a: a[:2] + (2 ** 31,) + a[3:],
-        "bool_for_int": lambda a: a[:2] + (True,) + a[3:],
+        "misaligned_pointer": ((base, kw), args(x=x[1:])),
+        "pointer_dtype": ((base, kw), args(x=x.float())),
+        "int_to_one": ((base, kw), args(n=1)),
+        "int_divisible_by_16": ((base, kw), args(n=32)),
+        "int_past_int32": ((base, kw), args(n=2 ** 31)),
+        "bool_for_int": ((base, kw), args(n=True)),
+        # equal under Python's ==, not to Triton: the type of each value, a float's sign
+        "constexpr_tuple_float_for_int": constexprs((3, 1, 0), (3, 1.0, 0.0)),
+        "constexpr_tuple_int_for_bool": constexprs((True, 0), (1, 0)),
+        "constexpr_negative_zero": constexprs(0.0, -0.0),
+        "runtime_tuple_float_for_int": (args(n=(16, 2)), args(n=(16.0, 2))),
+        "runtime_tuple_bool_for_int": (args(flag=(1, 2)), args(flag=(True, 2))),
     }
 
 
 @pytest.mark.parametrize("change", list(_variants()))
 def test_key_is_finer_than_tritons(change):
     fn = _jit(_scale_kernel)
-    x = torch.empty(64, dtype=torch.float16)
-    assert x.data_ptr() % 16 == 0
-    args, kwargs = (x, x, 5, 1.5, False), dict(BLOCK=16, num_warps=4)
-    other = _variants()[change](args)
+    (args, kwargs), (other, other_kwargs) = _variants()[change]
     tb = _triton_binder(fn)
-    assert tb(*args, **kwargs)[1] != tb(*other, **kwargs)[1], "not a specialisation change"
+
+    def tritons_key(a, k):  # a string: what Triton's own kernel cache is keyed by
+        _, specialization, options = tb(*a, **k)
+        return compute_cache_key({}, specialization, options)
+    assert tritons_key(args, kwargs) != tritons_key(other, other_kwargs), \
+        "not a specialisation change"
     bind = launch.make_binder(fn, tuple(map(type, launch.bind_values(fn, args, kwargs))))
     first, _ = bind(*args, **kwargs)
-    second, _ = bind(*other, **kwargs)
+    assert launch.cacheable(first[0], first)
+    second, _ = bind(*other, **other_kwargs)
     assert second is None or second != first
+
+
+def test_equal_values_share_a_key():
+    """The key is by value, not identity: a nan constexpr or a rebuilt tuple hits."""
+    fn = _jit(_scale_kernel)
+    x = torch.empty(64, dtype=torch.float16)
+    kwargs = dict(BLOCK=16, MODE=(float("nan"), ("relu", 2)))
+    args = (x, x, (16, 2), 1.5, False)
+    bind = launch.make_binder(fn, tuple(map(type, launch.bind_values(fn, args, kwargs))))
+    key, _ = bind(*args, **kwargs)
+    again, _ = bind(x, x, (16, 2), 1.5, False, BLOCK=16, MODE=(float("nan"), ("relu", 2)))
+    assert key == again and hash(key) == hash(again) and launch.cacheable(key[0], key)
 
 
 class _Compiled:
@@ -165,10 +201,15 @@ def test_second_call_launches_directly_with_tritons_values(fake_triton):
 
 
 @pytest.mark.parametrize("change", ["misaligned", "dtype", "int_one", "int_16", "float_value",
-                                    "constexpr", "option", "device", "other_cache"])
-def test_a_changed_call_misses(fake_triton, change):
+                                    "constexpr", "option", "device", "other_cache", "debug",
+                                    "instrumentation", "stages_hook", "global_changed"])
+def test_a_changed_call_misses(fake_triton, monkeypatch, change):
+    from triton import knobs
     calls, _, device = fake_triton
     fn = _jit(_scale_kernel)
+    # a global the kernel read when compiled (Triton records them in cache_key())
+    read = {"SCALE": (1, 2)}
+    fn.used_global_vals = {("SCALE", id(read)): ((1, 2), read)}
     x, y = torch.randn(40), torch.empty(40)
     _call(fn, x, y)
     _call(fn, x, y)  # cached
@@ -192,9 +233,45 @@ def test_a_changed_call_misses(fake_triton, change):
         device[0] = 1
     elif change == "other_cache":
         args["cache"] = {}
+    elif change == "debug":  # JITFunction.run adds it to the options
+        monkeypatch.setattr(knobs.runtime, "debug", not knobs.runtime.debug)
+    elif change == "instrumentation":
+        monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "consan")
+    elif change == "stages_hook":  # its hash goes into Triton's key
+        monkeypatch.setattr(knobs.runtime, "add_stages_inspection_hook", lambda: ("k", "h"))
+    elif change == "global_changed":  # Triton raises: the plain launch must be the one to run
+        read["SCALE"] = (1, 3)
     if change != "option":
         _call(fn, **args, **extra)
     assert [c[0] for c in calls] == ["plain", "direct", "plain"]
+
+
+def test_unhashable_launch_options_launch_plain(fake_triton):
+    """Options Triton accepts as lists or dicts (extern_libs, ptx_options) cannot be a key."""
+    calls, _, _ = fake_triton
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.empty(8)
+    for options in (dict(extern_libs={"libdevice": "/libdevice.bc"}), dict(ptx_options=["-v"])):
+        for _ in range(2):
+            launch.launch(fn, (1,), (x, y, 5, 2.0, False), dict(BLOCK=16, **options))
+    assert [c[0] for c in calls] == ["plain"] * 4
+
+
+def test_gluon_descriptors_launch_plain(fake_triton, monkeypatch):
+    """gluon's TensorDescriptor carries a shared-memory layout Triton specialises on; two that
+    differ only there must not share a cached kernel."""
+    hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    gl = pytest.importorskip("triton.experimental.gluon.language")
+    calls, compiled, _ = fake_triton
+    monkeypatch.setattr(launch, "plain", lambda *a: calls.append(("plain",)) or compiled)
+    fn = _jit(_scale_kernel)
+    base, y = torch.zeros(64, 64, dtype=torch.float16), torch.empty(8)
+    descs = [hopper.TensorDescriptor(base, [64, 64], [64, 1], [64, 64], gl.NVMMASharedLayout(
+        swizzle_byte_width=width, element_bitwidth=16, rank=2)) for width in (128, 64)]
+    assert not launch._is_descriptor(type(descs[0]))
+    for desc in descs:
+        launch.launch(fn, (1,), (desc, y, 0, 2.0, False), dict(BLOCK=16))
+    assert [c[0] for c in calls] == ["plain", "plain"]
 
 
 def test_launch_hooks_reach_the_launcher(fake_triton, monkeypatch):
@@ -275,6 +352,22 @@ def test_check_mode_compares_with_tritons_launch(fake_triton, monkeypatch):
     compiled.wrong = True
     with pytest.raises(RuntimeError, match="y_ptr"):
         _call(fn, x, y)
+
+
+def test_check_mode_only_launches_during_a_graph_capture(fake_triton, monkeypatch):
+    """Comparing synchronises, which a CUDA graph capture forbids: the cached launch alone."""
+    calls, _, _ = fake_triton
+    monkeypatch.setenv("CNNFUSE_CHECK_LAUNCH", "1")
+    fn = _jit(_scale_kernel)
+    x, y = torch.randn(8), torch.empty(8)
+    _call(fn, x, y)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    _call(fn, x, y)
+    assert [c[0] for c in calls] == ["plain", "direct"]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    _call(fn, x, y)
+    assert [c[0] for c in calls] == ["plain", "direct", "direct", "plain"]
 
 
 def test_scratch_copy_keeps_strides_and_alignment():
