@@ -55,7 +55,11 @@ def observing():
     try:
         yield seen
     finally:
-        lists.remove(seen)
+        # by identity: list.remove compares by ==, and an outer block's list may equal this one
+        for i in range(len(lists) - 1, -1, -1):
+            if lists[i] is seen:
+                del lists[i]
+                break
 
 
 @contextlib.contextmanager
@@ -97,7 +101,6 @@ class Autotuner:
     def __init__(self, op: str):
         self.op = op
         self._table: Optional[dict] = None
-        self._final = False  # whether the last _pick's answer is final (see Pick)
 
     def _path(self) -> Path:
         import triton
@@ -135,9 +138,8 @@ class Autotuner:
             preset = picks_from_environment()
         chosen, final = preset.get(self.op, {}).get(key), True
         if chosen not in candidates:
-            self._final = False
             chosen = self._pick(key, candidates, reference, tolerance, default)
-            final = self._final
+            final = self._kept(key, chosen, candidates)
         if recording is not None:
             recording.setdefault(self.op, {})[key] = chosen
             final = False  # cnnfuse.tune must see every key a model asks for
@@ -145,16 +147,24 @@ class Autotuner:
             seen.append(Pick(self.op, key, chosen, candidates.get(chosen), final))
         return chosen
 
+    def _kept(self, key: str, chosen: str, candidates: dict) -> bool:
+        """Whether `_pick` answers `chosen` for `key` again (see Pick): the cache holds it, or
+        there is nothing to search. Read from the cache itself, not from what one call did, so
+        that a pick made while another thread's finishes is judged by its own key."""
+        if not enabled() or len(candidates) == 1:
+            return True
+        table = self._table or {}
+        return table.get(key, {}).get("best") == chosen and chosen in candidates
+
     def _pick(self, key: str, candidates: dict, reference: Callable[[], torch.Tensor],
               tolerance: float, default: str) -> str:
-        """The pick from the cache, the default or a search; sets self._final (see Pick)."""
+        """The pick from the cache, the default or a search (a search's answer is cached
+        unless every candidate failed or a CUDA graph is being captured)."""
         table = self._load()
         chosen = table.get(key, {}).get("best")
         if chosen in candidates:
-            self._final = True
             return chosen
         if not enabled() or len(candidates) == 1:
-            self._final = True
             return default
         if torch.cuda.is_current_stream_capturing():
             return default  # tuned on the first call outside the capture
@@ -180,5 +190,4 @@ class Autotuner:
         log.info("cnnfuse: %s %s -> %s (%.4f ms)", self.op, key, best, timings[best])
         if _progress is not None:
             _progress.update(1)
-        self._final = True
         return best

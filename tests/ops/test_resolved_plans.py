@@ -223,6 +223,64 @@ def test_autotuner_says_which_picks_are_final(monkeypatch, tmp_path):
     assert not final("captured")
 
 
+def test_a_pick_is_final_by_its_own_key_while_another_thread_picks(monkeypatch):
+    """Two threads share a tuner: the one whose candidates all fail must not be told final
+    because the other's pick, made in between, was."""
+    import threading
+    monkeypatch.setattr(autotune, "preset", {})
+    monkeypatch.setattr(autotune, "recording", None)
+    monkeypatch.setattr(autotune.Autotuner, "_load", lambda self: {})
+    monkeypatch.setattr(autotune.Autotuner, "_save", lambda self: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tuner = autotune.Autotuner("conv2d")
+    inside, done, picks = threading.Event(), threading.Event(), {}
+
+    def wrong():  # the other thread picks while this candidate runs
+        inside.set()
+        assert done.wait(10)
+        return torch.zeros(1)
+
+    def pick(key, candidates, default):
+        with autotune.observing() as seen:
+            tuner.pick(key, candidates, reference=lambda: torch.ones(1), tolerance=1e-3,
+                       default=default)
+        picks[key] = seen
+
+    def failing():
+        pick("A", {"x": wrong, "y": lambda: torch.zeros(1)}, "x")
+
+    def other():
+        assert inside.wait(10)
+        try:
+            pick("B", {"only": lambda: torch.ones(1)}, "only")
+        finally:
+            done.set()
+    threads = [threading.Thread(target=failing), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert [(p.key, p.name, p.final) for p in picks["A"]] == [("A", "x", False)]
+    assert [(p.key, p.name, p.final) for p in picks["B"]] == [("B", "only", True)]
+
+
+def test_nested_observing_blocks_each_keep_their_own_list(monkeypatch):
+    monkeypatch.setattr(autotune, "preset", {"conv2d": {"k": "a"}})
+    monkeypatch.setattr(autotune, "recording", None)
+    tuner = autotune.Autotuner("conv2d")
+
+    def pick():
+        tuner.pick("k", {"a": None}, reference=None, tolerance=0, default="a")
+    with autotune.observing() as outer:
+        with autotune.observing() as inner:  # equal lists (both empty) until a pick
+            pass
+        pick()
+        with autotune.observing() as inner:
+            pick()
+    assert len(outer) == 2 and len(inner) == 1
+    assert autotune._observing.lists == []  # nothing left collecting picks
+
+
 def test_plans_pickle_without_their_resolved_backend(backend):
     import copy
     import pickle
