@@ -50,11 +50,14 @@ class DirectConv(_Resolved):
     def __init__(self, kind, config, label, geometry, x, weight, residual, tuned):
         super().__init__(tuned)
         self.kind, self.config, self.label, self.geometry = kind, config, label, geometry
+        from .depthwise_conv2d import is_depthwise
         cuda = x.device.type == "cuda"  # _run makes NHWC operands on CUDA only
         self.to_cl = cuda and x.stride(1) != 1 and x.shape[1] > 1
         self.residual_to_cl = cuda and residual is not None and not residual.is_contiguous(
             memory_format=_CL)
-        self.weight_to_cl = cuda and kind != "depthwise"
+        # as _run: a depthwise conv's weight keeps its (tap-major packed) layout whichever
+        # backend runs it, the layout the autotuner timed and checked
+        self.weight_to_cl = cuda and not is_depthwise(x, weight, geometry[3])
 
     @classmethod
     def from_pick(cls, picks, x, weight, residual, geometry):

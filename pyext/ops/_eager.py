@@ -13,13 +13,14 @@ tensor subclass) takes the op.
 Plans are small picklable objects holding geometry only, never tensors, so a copied or
 re-loaded module stays right.
 
-A plan on any backend but the reference resolves once: the CPU builds (the C++ kernels under
-CNNFUSE_BACKEND=cuda, the Triton interpreter) when it is made, a CUDA plan as soon as the
-autotuner's pick for it is final (`autotune.Pick`). From then on the plan calls the picked
-backend with its config directly, without the op implementation's backend lookup, candidate
-list and autotuner key; until then, and again whenever the picks could change (another
-`autotune.preset`, `cnnfuse.tune` recording, torch.backends.cudnn.allow_tf32 flipped), it
-calls the op's implementation and asks again.
+A plan on any backend but the reference resolves once: on the CPU builds (the C++ kernels
+under CNNFUSE_BACKEND=cuda, the Triton interpreter) at its first call, a copied or unpickled
+plan at its own first call too; on CUDA as soon as the autotuner's pick for it is final
+(`autotune.Pick`). From then on the plan calls the picked backend with its config directly,
+without the op implementation's backend lookup, candidate list and autotuner key; until then,
+and again whenever the picks could change (another `autotune.preset`, `cnnfuse.tune`
+recording, torch.backends.cudnn.allow_tf32 flipped), it calls the op's implementation and
+asks again.
 """
 import os
 
@@ -186,6 +187,8 @@ class OpImplConv(_ConvGeometry):
     def __call__(self, x, weight, bias, residual=None, input_scale=None, input_affine=None,
                  dest=None, pool=None):
         direct = self.direct
+        if direct is None and x.device.type == "cpu":  # a CPU build: known from the start
+            direct = self.direct = DirectConv.for_cpu(x, weight, self.args)
         if direct is not None and direct.valid():
             return direct(x, weight, bias, residual, input_scale, input_affine, dest, pool)
         from .conv2d import _run
@@ -204,10 +207,7 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, *geometry):
     from ..backend import requested_backend
     if x.device.type == "cpu" and requested_backend() in ("auto", "reference"):
         return (CpuConv if x.dtype == torch.float32 else ReferenceConv)(*geometry)
-    plan = OpImplConv(*geometry)
-    if x.device.type == "cpu":
-        plan.direct = DirectConv.for_cpu(x, weight, plan.args)
-    return plan
+    return OpImplConv(*geometry)  # a CPU build resolves on the first call
 
 
 class InWeightDtype:
@@ -309,6 +309,8 @@ class OpImplPair:
     def __call__(self, x, *tensors, residual=None, dest=None):
         args = self.run_args(x, tensors, residual, dest)
         direct = self.direct
+        if direct is None and x.device.type == "cpu":  # a CPU build: known from the start
+            direct = self.direct = DirectPair.for_cpu(self.op, x)
         if direct is not None and direct.valid():
             return direct(args)
         with autotune.observing() as picks:
@@ -336,14 +338,7 @@ def plan_separable(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding, d
     _, _, _, stride, pads, dilation, dw_act, _, _, act, _ = args
     if _cpu_fp32(x):
         return CpuSeparable(stride, pads, dilation, x.shape[1], dw_act, act)
-    return _pair_plan("separable_conv2d", (stride, pads, dilation, dw_act, act), x)
-
-
-def _pair_plan(op: str, args: tuple, x) -> OpImplPair:
-    plan = OpImplPair(op, args)
-    if x.device.type == "cpu":
-        plan.direct = DirectPair.for_cpu(op, x)
-    return plan
+    return OpImplPair("separable_conv2d", (stride, pads, dilation, dw_act, act))
 
 
 class CpuPoolConv:
@@ -383,7 +378,7 @@ def plan_pool_conv2d(x, weight, bias, mode, kernel_size, stride, padding, activa
     _, mode, kernel, stride, pads, _, _, act, _ = args
     if _cpu_fp32(x):
         return CpuPoolConv(mode, kernel, stride, pads, act)
-    return _pair_plan("pool_conv2d", (mode, kernel, stride, pads, act), x)
+    return OpImplPair("pool_conv2d", (mode, kernel, stride, pads, act))
 
 
 class CpuSeGate:

@@ -136,6 +136,8 @@ def gpu_like(monkeypatch, backend):
     tuner = autotune.Autotuner("conv2d")
     run = _PickingRun(tuner)
     monkeypatch.setattr(sys.modules["cnnfuse.ops.conv2d"], "_run", run)
+    # on a GPU there is no CPU build to resolve to at once: only the pick resolves the plan
+    monkeypatch.setattr(_eager.DirectConv, "for_cpu", classmethod(lambda cls, *args: None))
     monkeypatch.setattr(autotune, "preset", {"conv2d": {"k": "cudnn"}})
     monkeypatch.setattr(autotune, "recording", None)
     if _C is None:
@@ -282,22 +284,162 @@ def test_nested_observing_blocks_each_keep_their_own_list(monkeypatch):
 
 
 def test_plans_pickle_without_their_resolved_backend(backend):
+    """A copy keeps the geometry only, and resolves again on its own first call."""
     import copy
     import pickle
     if _C is None:
         pytest.skip("_C not built")
     backend("cuda")
     m = _conv()
+    pair = FusedPoolConv2d("max", (3, 3), (1, 1), (1, 1), _conv(6, 5, 1))
     x = torch.randn(1, 6, 4, 4).contiguous(memory_format=CL)
     with torch.no_grad():
-        y = m(x)
-    (plan,) = _plans(m)
-    assert plan.direct is not None
+        y, y_pair = m(x), pair(x)
+    (plan,), (pair_plan,) = _plans(m), _plans(pair)
+    assert plan.direct is not None and pair_plan.direct is not None
     restored = pickle.loads(pickle.dumps(plan))
     assert restored.direct is None and restored.args == plan.args
-    clone = copy.deepcopy(m)
+    restored_pair = pickle.loads(pickle.dumps(pair_plan))
+    assert restored_pair.direct is None and restored_pair.args == pair_plan.args
+    with torch.no_grad(), cnnfuse_backend.tracing() as trace:
+        assert torch.equal(restored(x, m.weight, m.bias), y)
+        assert torch.equal(restored_pair(x, pair.conv.weight, pair.conv.bias), y_pair)
+    assert restored.direct is not None and restored_pair.direct is not None
+    assert trace[0] == ("conv2d", plan.direct.label)
+    assert ("pool_conv2d", pair_plan.direct.label) in trace
+    clone, pair_clone = copy.deepcopy(m), copy.deepcopy(pair)
     with torch.no_grad():
-        assert torch.equal(clone(x), y)
+        assert torch.equal(clone(x), y) and torch.equal(pair_clone(x), y_pair)
+    assert all(p.direct is not None for p in _plans(clone) + _plans(pair_clone))
+
+
+# --- the operand conversions a resolved CUDA plan makes, as conv2d._run does ------------------
+
+def _cuda_stand_in(x):
+    """What DirectConv reads of x when it is made (device, strides, shape), saying CUDA."""
+    import types
+    return types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), stride=x.stride,
+                                 shape=x.shape)
+
+
+@pytest.fixture
+def received(monkeypatch):
+    """conv2d's backends replaced by ones recording the x, weight and residual they get."""
+    import sys
+    op = sys.modules["cnnfuse.ops.conv2d"]
+    seen = {}
+
+    def recorder(offset):
+        def backend(*args):
+            seen.update(x=args[offset], weight=args[offset + 1], residual=args[offset + 8])
+            return args[offset]
+        return backend
+    for name in ("_library_conv", "_cudnn_fused", "_depthwise"):
+        monkeypatch.setattr(op, name, recorder(0))
+    monkeypatch.setattr(op, "_triton", recorder(1))  # after the config
+    return seen
+
+
+@pytest.mark.parametrize("kind,depthwise", [
+    (kind, dw) for dw in (False, True) for kind in ("triton", "cudnn", "cudnn_fused", "depthwise")
+    if dw or kind != "depthwise"])  # the depthwise kernel runs depthwise convs only
+def test_resolved_cuda_conv_converts_the_operands_as_run_does(received, kind, depthwise):
+    """On CUDA _run makes x (unless already NHWC or a channel slice of NHWC) and the residual
+    channels_last, and the weight too unless the conv is depthwise (its packed tap-major
+    layout is the one every backend is timed with)."""
+    from cnnfuse.ops._direct import DirectConv
+    from cnnfuse.ops.depthwise_conv2d import pack_weight
+    c, k = (8, 8) if depthwise else (8, 6)
+    groups = c if depthwise else 1
+    weight = torch.randn(k, c // groups, 3, 3)
+    if depthwise:
+        weight = pack_weight(weight)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], groups, "relu", "none")
+    nchw = torch.randn(2, c, 5, 7)
+    wide = torch.randn(2, k + 3, 5, 7).contiguous(memory_format=CL)
+    residual = wide[:, 1:1 + k]  # a channel slice: not channels_last-contiguous
+    plan = DirectConv(kind, object(), kind, geometry, _cuda_stand_in(nchw), weight, residual,
+                      True)
+    plan(nchw, weight, None, residual, None, None, None, None)
+    assert received["x"].is_contiguous(memory_format=CL), "x not made channels_last"
+    assert torch.equal(received["x"], nchw)
+    assert received["residual"].is_contiguous(memory_format=CL), "residual not converted"
+    assert torch.equal(received["residual"], residual)
+    if depthwise:  # kept as packed, not copied
+        assert received["weight"] is weight
+    else:
+        assert received["weight"].is_contiguous(memory_format=CL), "weight not converted"
+        assert torch.equal(received["weight"], weight)
+    # operands already in _run's layouts reach the backend as they are
+    x = nchw.contiguous(memory_format=CL)
+    residual = residual.contiguous(memory_format=CL)
+    weight = weight if depthwise else weight.contiguous(memory_format=CL)
+    plan = DirectConv(kind, object(), kind, geometry, _cuda_stand_in(x), weight, residual, True)
+    plan(x, weight, None, residual, None, None, None, None)
+    assert received["x"] is x and received["weight"] is weight
+    assert received["residual"] is residual
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["nchw_input", "residual_slice", "depthwise_cudnn",
+                                  "depthwise", "pooled", "into_slice", "tuned"])
+def test_resolved_cuda_plan_gives_run_bits(case, monkeypatch, tmp_path):
+    """A resolved CUDA plan against conv2d._run on the same arguments, bit for bit: operands
+    in other layouts than _run's, a depthwise conv on a library backend, a pooled result,
+    a channel slice of a wider output."""
+    from cnnfuse.ops.conv2d import _run
+    from cnnfuse.ops.depthwise_conv2d import pack_weight
+    monkeypatch.setenv("CNNFUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "recording", None)
+    if case != "tuned":
+        class Always(dict):  # every conv2d key picks `name`
+            def get(self, key, default=None):
+                return name
+        name = "depthwise" if case == "depthwise" else "cudnn"
+        monkeypatch.setattr(autotune, "preset", {"conv2d": Always()})
+    depthwise = case.startswith("depthwise")
+    n, c, k, h, w = 2, 16, 16 if depthwise else 24, 9, 11
+    groups = c if depthwise else 1
+    dev = dict(device="cuda", dtype=torch.half)
+    weight = torch.randn(k, c // groups, 3, 3, **dev) * 0.2
+    weight = pack_weight(weight) if depthwise else weight.contiguous(memory_format=CL)
+    bias = torch.randn(k, **dev)
+    x = torch.randn(n, c, h, w, **dev)
+    if case != "nchw_input":
+        x = x.contiguous(memory_format=CL)
+    residual = None
+    if case == "residual_slice":
+        residual = torch.randn(n, k + 5, h, w, **dev).contiguous(memory_format=CL)[:, 2:2 + k]
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], groups, "relu", "none")
+    plan = _eager.OpImplConv(*geometry)
+
+    def outputs():
+        buf = torch.full((n, k + 4, h, w), float("nan"), **dev).contiguous(memory_format=CL)
+        dest = buf[:, 3:3 + k] if case == "into_slice" else None
+        pool = torch.full((n, k), float("nan"), device="cuda") if case == "pooled" else None
+        return buf, dest, pool
+
+    def run(fn):
+        buf, dest, pool = outputs()
+        y = fn(dest, pool)
+        torch.cuda.synchronize()
+        return y, buf, pool
+    with torch.no_grad():
+        first = run(lambda dest, pool: plan(x, weight, bias, residual, None, None, dest, pool))
+        assert plan.direct is not None, "the pick did not resolve the plan"
+        if case != "tuned":
+            assert plan.direct.kind == name
+        second = run(lambda dest, pool: plan(x, weight, bias, residual, None, None, dest, pool))
+        want = run(lambda dest, pool: _run(x, weight, bias, *geometry[:4], "relu", residual,
+                                           (None, None, "none"), dest, pool))
+    for got in (first, second):
+        y, buf, pool = got
+        assert torch.equal(y, want[0])
+        if case == "into_slice":
+            assert y.data_ptr() == buf[:, 3:].data_ptr() and buf[:, :3].isnan().all()
+            assert torch.equal(buf[:, 3:3 + k], want[1][:, 3:3 + k])
+        if case == "pooled":
+            assert torch.equal(pool, want[2])
 
 
 def test_a_pair_resolves_on_its_own_pick_among_its_convs_picks(monkeypatch, backend):
@@ -317,6 +459,8 @@ def test_a_pair_resolves_on_its_own_pick_among_its_convs_picks(monkeypatch, back
                                         default=name)
         return module._two_ops(*args)
     monkeypatch.setattr(module, "_run", picking_run)
+    # as on a GPU: no CPU build to resolve to at once, only the pick resolves the plan
+    monkeypatch.setattr(_eager.DirectPair, "for_cpu", classmethod(lambda cls, *args: None))
     monkeypatch.setattr(autotune.Autotuner, "_load", lambda self: {})  # no GPU to name
     monkeypatch.setattr(autotune, "preset", {})
     monkeypatch.setattr(autotune, "recording", None)
