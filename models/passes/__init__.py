@@ -11,6 +11,7 @@ from . import (concat, conv_bn_act, dense_block, input_bn, leftover_bn, passthro
 from . import (act_prologue, bn_act, branch_sum, cat_bn, channel_permutation, functional_conv,
                gated_product, leftover_act, leftover_elementwise, same_padding, scalar_scale,
                unreached)
+from . import channel_gate  # after squeeze_excite: real SE blocks keep the se_gate kernel
 from . import layout  # last: puts outputs back into eager's layout
 
 PIPELINE = (
@@ -25,6 +26,7 @@ PIPELINE = (
     gated_product,
     residual,
     squeeze_excite,
+    channel_gate,
     input_bn,
     separable,
     pool_conv2d,

@@ -48,31 +48,41 @@ def _fuse(g: FusionGraph, mul) -> None:
     g.replace_module(se_name, se)
     g.report.add("se gate")
 
+    with g.graph.inserting_before(mul):
+        gate_node = g.graph.call_module(se_name, (x,))
+    place_gate(g, mul, x, gate_node, se, "se", erase=(fc2_node, fc1_node, pool))
+
+
+def place_gate(g: FusionGraph, mul, x, gate_node, gate, label: str, erase=()) -> None:
+    """x * gate, computed at `mul`, where `gate_node` (before `mul`, reading x) now makes the
+    (N, C) gate: the consuming conv applies it as it loads x, or else one channel_scale pass
+    takes it (with the residual add and activation after it); then the mean moves into the
+    conv that produced x. Erases `mul`, then the nodes in `erase` (what computed the gate
+    before, in an order that erases readers first); `label` prefixes the report's keys."""
     consumer = g.sole_user(mul)
     conv = g.module(consumer) if consumer is not None else None
     scale = None
-    with g.graph.inserting_before(mul):
-        gate_node = g.graph.call_module(se_name, (x,))
-        if (isinstance(conv, FusedConv2d) and conv.groups == 1 and not conv.has_input_scale
-                and conv.input_affine is None and g.called_once(consumer)
-                # the conv reads x where it runs, no longer the product made earlier
-                and not g.mutation_between(mul, consumer)):
-            consumer.args = (x,) + tuple(consumer.args[1:])
-            consumer.kwargs = {**consumer.kwargs, "input_scale": gate_node}
-            conv.has_input_scale = True
-            g.report.add("se scale in next conv")
-        else:
+    if (isinstance(conv, FusedConv2d) and conv.groups == 1 and not conv.has_input_scale
+            and conv.input_affine is None and g.called_once(consumer)
+            # the conv reads x where it runs, no longer the product made earlier
+            and not g.mutation_between(mul, consumer)):
+        consumer.args = (x,) + tuple(consumer.args[1:])
+        consumer.kwargs = {**consumer.kwargs, "input_scale": gate_node}
+        conv.has_input_scale = True
+        g.report.add(f"{label} scale in next conv")
+    else:
+        with g.graph.inserting_before(mul):
             scale = g.graph.call_function(channel_scale, (x, gate_node))
-            mul.replace_all_uses_with(scale)
-            g.reshape_not_view(scale)
-    for node in (mul, fc2_node, fc1_node, pool):
+        mul.replace_all_uses_with(scale)
+        g.reshape_not_view(scale)
+    for node in (mul,) + tuple(erase):
         g.graph.erase_node(node)
     if scale is not None:
-        _fuse_scale_tail(g, scale)
-    _pool_in_producer(g, x, gate_node, se)
+        _fuse_scale_tail(g, scale, label)
+    _pool_in_producer(g, x, gate_node, gate, label)
 
 
-def _fuse_scale_tail(g: FusionGraph, scale) -> None:
+def _fuse_scale_tail(g: FusionGraph, scale, label: str) -> None:
     """channel_scale → + residual → [activation], each read only by the next (an SE residual
     block's tail): one channel_scale call in the add's place."""
     add = next(iter(scale.users)) if len(scale.users) == 1 else None
@@ -93,12 +103,15 @@ def _fuse_scale_tail(g: FusionGraph, scale) -> None:
     for node in ([act_node] if act else []) + [add, scale]:
         g.graph.erase_node(node)
     g.reshape_not_view(fused)
-    g.report.add("se scale + residual add" + (f" + {act}" if act else ""))
+    g.report.add(f"{label} scale + residual add" + (f" + {act}" if act else ""))
+    if act:
+        g.report.add(f"activation {act}")
 
 
-def _pool_in_producer(g: FusionGraph, x, gate_node, se: FusedSqueezeExcite) -> None:
+def _pool_in_producer(g: FusionGraph, x, gate_node, gate, label: str) -> None:
     """The squeeze moves into the epilogue of the conv that produced x: it returns
-    (x, mean_hw(x)) and the gate reads the means."""
+    (x, mean_hw(x)) and the gate reads the means (an SE gate the means alone, any other
+    gate x too, for its shape)."""
     producer = g.module(x)
     if not (isinstance(producer, FusedConv2d) and not producer.returns_pooled
             and "out" not in x.kwargs and g.called_once(x)
@@ -110,9 +123,10 @@ def _pool_in_producer(g: FusionGraph, x, gate_node, se: FusedSqueezeExcite) -> N
     with g.graph.inserting_after(x):
         y = g.graph.call_function(operator.getitem, (x, 0))
     x.replace_all_uses_with(y, delete_user_cb=lambda user: user not in (y, pooled))
-    gate_node.args = (pooled,)
-    producer.returns_pooled = se.takes_pooled = True
-    g.report.add("se pool in conv epilogue")
+    gate_node.args = ((pooled,) if isinstance(gate, FusedSqueezeExcite)
+                      else (gate_node.args[0], pooled))
+    producer.returns_pooled = gate.takes_pooled = True
+    g.report.add(f"{label} pool in conv epilogue")
 
 
 def _gate_chain(g: FusionGraph, gate, x):
