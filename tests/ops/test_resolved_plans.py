@@ -381,8 +381,9 @@ def test_resolved_cuda_conv_converts_the_operands_as_run_does(received, kind, de
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", ["nchw_input", "residual_slice", "depthwise_cudnn",
-                                  "depthwise", "pooled", "into_slice", "tuned"])
+@pytest.mark.parametrize("case", ["nchw_input", "nchw_input_triton", "residual_slice",
+                                  "residual_slice_triton", "depthwise_cudnn", "depthwise",
+                                  "pooled", "into_slice", "tuned"])
 def test_resolved_cuda_plan_gives_run_bits(case, monkeypatch, tmp_path):
     """A resolved CUDA plan against conv2d._run on the same arguments, bit for bit: operands
     in other layouts than _run's, a depthwise conv on a library backend, a pooled result,
@@ -391,12 +392,7 @@ def test_resolved_cuda_plan_gives_run_bits(case, monkeypatch, tmp_path):
     from cnnfuse.ops.depthwise_conv2d import pack_weight
     monkeypatch.setenv("CNNFUSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "recording", None)
-    if case != "tuned":
-        class Always(dict):  # every conv2d key picks `name`
-            def get(self, key, default=None):
-                return name
-        name = "depthwise" if case == "depthwise" else "cudnn"
-        monkeypatch.setattr(autotune, "preset", {"conv2d": Always()})
+    monkeypatch.setattr(autotune, "preset", {})  # "tuned": the autotuner's own search
     depthwise = case.startswith("depthwise")
     n, c, k, h, w = 2, 16, 16 if depthwise else 24, 9, 11
     groups = c if depthwise else 1
@@ -405,12 +401,24 @@ def test_resolved_cuda_plan_gives_run_bits(case, monkeypatch, tmp_path):
     weight = pack_weight(weight) if depthwise else weight.contiguous(memory_format=CL)
     bias = torch.randn(k, **dev)
     x = torch.randn(n, c, h, w, **dev)
-    if case != "nchw_input":
+    if not case.startswith("nchw_input"):
         x = x.contiguous(memory_format=CL)
     residual = None
-    if case == "residual_slice":
+    if case.startswith("residual_slice"):
         residual = torch.randn(n, k + 5, h, w, **dev).contiguous(memory_format=CL)[:, 2:2 + k]
     geometry = ([1, 1], [1, 1, 1, 1], [1, 1], groups, "relu", "none")
+    if case != "tuned":
+        if case.endswith("_triton"):  # the kernel's default config for this conv
+            from cnnfuse.kernels import conv2d as kernel
+            problem = kernel.Conv2dProblem.of_conv(x.shape, weight.shape, *geometry[:4])
+            name, kind = kernel.default_config(problem, dtype=x.dtype).name, "triton"
+        else:
+            name = kind = "depthwise" if case == "depthwise" else "cudnn"
+
+        class Always(dict):  # every conv2d key picks `name`
+            def get(self, key, default=None):
+                return name
+        monkeypatch.setattr(autotune, "preset", {"conv2d": Always()})
     plan = _eager.OpImplConv(*geometry)
 
     def outputs():
@@ -428,7 +436,7 @@ def test_resolved_cuda_plan_gives_run_bits(case, monkeypatch, tmp_path):
         first = run(lambda dest, pool: plan(x, weight, bias, residual, None, None, dest, pool))
         assert plan.direct is not None, "the pick did not resolve the plan"
         if case != "tuned":
-            assert plan.direct.kind == name
+            assert plan.direct.kind == kind
         second = run(lambda dest, pool: plan(x, weight, bias, residual, None, None, dest, pool))
         want = run(lambda dest, pool: _run(x, weight, bias, *geometry[:4], "relu", residual,
                                            (None, None, "none"), dest, pool))
