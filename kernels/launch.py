@@ -152,10 +152,17 @@ def make_binder(fn, classes: tuple):
 def _is_descriptor(cls) -> bool:
     """A host-side TMA descriptor, triton.tools.tensor_descriptor.TensorDescriptor exactly
     (gluon's has a shared-memory layout too, which Triton specialises on: not keyed here)."""
-    return cls is _Descriptor and cls is not None
+    return _Descriptor is not None and cls is _Descriptor
 
 
-OPAQUE = "<cnnfuse: not a plain value>"  # in a key: the call is launched the plain way
+class _Opaque:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<not a plain value>"
+
+
+OPAQUE = _Opaque()  # in a key: the call is launched the plain way
 
 
 def exact(v):
