@@ -60,6 +60,7 @@ import triton.language as tl
 
 from .activation import apply_activation
 from .aot import compile_specialised
+from .launch import launch
 from .conv2d_args import (POOL_MODES, arguments, descriptors_supported,  # noqa: F401
                           stand_ins, tma_allowed)
 from .conv2d_configs import (CONFIGS, GROUPED_CONFIGS, INTERPRETER_CONFIG,  # noqa: F401
@@ -448,16 +449,18 @@ def _stages(cfg, stages):
     return replace(cfg, num_stages=stages)
 
 
-def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
-    """Launch the problem into tensors["y"] (and the pooled means into tensors["pool"])."""
-    x, y, pool = tensors["x"], tensors["y"], tensors.get("pool")
+def prepare(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict, m=None) -> tuple:
+    """(p, cfg, t, dot_fp32): what every launch of `p` at `cfg` on `tensors` (as `_run` takes
+    them) needs before the kernel: fewer stages where a window needs it, the interpreter's
+    float32 stand-in for a bf16 y, the stem's padded x and weight, the split-K workspace for
+    m output rows (default p.m; a symbolic size where the batch is)."""
+    x, y = tensors["x"], tensors["y"]
     if p.window is not None:
         cfg = _fitted(cfg, p.window.kernel[0] * p.window.kernel[1], x.element_size())
     # Triton's CPU interpreter multiplies bf16 tiles wrongly and truncates fp32 -> bf16. bf16
     # products are exact in fp32, so an fp32 dot and an fp32 store rounded by torch give
     # what the GPU computes.
     dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    dest = y
     t = dict(tensors)
     if dot_fp32:
         t["y"] = torch.empty(y.shape, dtype=torch.float32).contiguous(
@@ -465,16 +468,24 @@ def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
         p = _replace(p, y_strides=tuple(t["y"].stride()))
     if p.stem:
         t["x"], t["w"] = pad_channels(x), _padded_weight(t["w"])
+    if cfg.split_k > 1:
+        rows = p.m if m is None else m
+        t["ws"] = torch.empty(cfg.split_k * rows * p.k, dtype=torch.float32, device=x.device)
+    return p, cfg, t, dot_fp32
+
+
+def _run(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict) -> torch.Tensor:
+    """Launch the problem into tensors["y"] (and the pooled means into tensors["pool"])."""
+    x, y, pool = tensors["x"], tensors["y"], tensors.get("pool")
+    p, cfg, t, dot_fp32 = prepare(p, cfg, tensors)
     if pool is not None:
         pool.zero_()  # the tiles add into it
-    if cfg.split_k > 1:
-        t["ws"] = torch.empty(cfg.split_k * p.m * p.k, dtype=torch.float32, device=x.device)
     args, constexprs, grid, reduce = arguments(p, cfg, x.dtype, t, dot_fp32,
                                                tma_allowed(x.device))
-    _conv2d_kernel[grid](*args, **constexprs)
+    launch(_conv2d_kernel, grid, args, constexprs)
     if reduce is not None:
-        _splitk_reduce_kernel[reduce[2]](*reduce[0], **reduce[1])
-    return dest.copy_(t["y"]) if dot_fp32 else y
+        launch(_splitk_reduce_kernel, reduce[2], reduce[0], reduce[1])
+    return y.copy_(t["y"]) if dot_fp32 else y
 
 
 def _replace(p, **changes):
@@ -491,13 +502,14 @@ def _aligned(t) -> bool:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tensor,
-           stride, padding, dilation, act_code: int, config: Conv2dConfig,
+           stride, padding, dilation, act_code, config: Conv2dConfig,
            allow_tf32: bool = True, input_scale=None, input_affine=None,
-           input_act_code: int = 0, pool=None) -> torch.Tensor:
+           input_act_code=0, pool=None) -> torch.Tensor:
     """Launch on already-validated tensors; padding = (left, right, top, bottom); y is the
     (N, K, OH, OW) destination view, possibly a channel slice of a wider buffer. As x loads:
     input_affine (2, C) fp32 scale and shift rows with activation input_act_code, then
-    input_scale (N, C), a per-image channel scale. pool: (N, K) float32 for mean_hw(y)."""
+    input_scale (N, C), a per-image channel scale. pool: (N, K) float32 for mean_hw(y).
+    Activation codes: the (code, p0, p1) of cnnfuse.ref.activation_args."""
     groups = x.shape[1] // weight.shape[1]
     if input_scale is not None:
         input_scale = input_scale.contiguous()
@@ -516,8 +528,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, residual, y: torch.Tenso
 
 
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_stride, dw_padding,
-                     dw_dilation, dw_act_code: int, weight: torch.Tensor, bias, residual,
-                     y: torch.Tensor, act_code: int, config: Conv2dConfig,
+                     dw_dilation, dw_act_code, weight: torch.Tensor, bias, residual,
+                     y: torch.Tensor, act_code, config: Conv2dConfig,
                      allow_tf32: bool = True) -> torch.Tensor:
     """A depthwise conv (C channels, any kernel, stride, padding, dilation) and the 1x1 conv
     that reads it, as one kernel: the depthwise output is computed tile by tile as the 1x1's
@@ -536,7 +548,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias, dw_strid
 
 
 def pool_conv2d(x: torch.Tensor, mode: str, kernel_size, stride, padding, weight: torch.Tensor,
-                bias, residual, y: torch.Tensor, act_code: int, config: Conv2dConfig,
+                bias, residual, y: torch.Tensor, act_code, config: Conv2dConfig,
                 allow_tf32: bool = True) -> torch.Tensor:
     """A max or average pool (any window, stride, zero or -inf padding; padding =
     (left, right, top, bottom)) and the 1x1 conv that reads it, as one kernel: the pooled tile

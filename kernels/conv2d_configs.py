@@ -7,7 +7,7 @@ that is checked statically is the kernel that runs.
 """
 import functools
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -29,7 +29,7 @@ class Window:
     padding: tuple = (0, 0, 0, 0)
     dilation: tuple = (1, 1)
     bias: bool = False
-    activation: int = 0
+    activation: Union[int, tuple] = 0
     weight_strides: tuple = (0, 0, 0)
 
     def __post_init__(self):
@@ -45,8 +45,9 @@ class Conv2dProblem:
     elements) describes a view, e.g. a channel slice of a wider buffer. *_aligned: whether
     that tensor's data pointer is 16-byte aligned (w_aligned: the weight's, which a
     tensor-memory-accelerator descriptor needs). input_scale / input_affine: None when absent,
-    else the dtype of that tensor (contiguous (n, c) and (2, c)). Activations are
-    cnnfuse.ref.activation codes."""
+    else the dtype of that tensor (contiguous (n, c) and (2, c)). Activations are the
+    (code, p0, p1) of cnnfuse.ref.activation_args, or a bare code for one without
+    parameters."""
     n: int
     c: int
     h: int
@@ -60,10 +61,10 @@ class Conv2dProblem:
     groups: int = 1
     bias: bool = True
     residual: bool = False
-    activation: int = 0
+    activation: Union[int, tuple] = 0
     input_scale: Optional[torch.dtype] = None
     input_affine: Optional[torch.dtype] = None
-    input_activation: int = 0
+    input_activation: Union[int, tuple] = 0
     pooled: bool = False
     window: Optional[Window] = None
     x_strides: Optional[tuple] = None

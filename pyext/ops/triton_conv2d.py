@@ -25,7 +25,6 @@ CNNFUSE_BACKEND=triton under TRITON_INTERPRET=1 (as cnnfuse::conv2d does), runs 
 launch in Triton's interpreter.
 """
 import contextlib
-import dataclasses
 from typing import Optional
 
 import torch
@@ -35,8 +34,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import ref
 from .._ext import relaxed_capture
 from ..backend import requested_backend, triton_interpreting
-from ..kernels.conv2d import (_conv2d_kernel, _fitted, _padded_weight,
-                              _splitk_reduce_kernel, pad_channels)
+from ..kernels.conv2d import _conv2d_kernel, _splitk_reduce_kernel, prepare
 from ..kernels.conv2d_args import REDUCE_BLOCK, arguments
 from ..kernels.conv2d_configs import Conv2dConfig, Conv2dProblem
 
@@ -111,21 +109,9 @@ def launch(p: Conv2dProblem, cfg: Conv2dConfig, tensors: dict, n) -> None:
     for every batch; the batch-dependent values (the kernel's batch, the grids, the split-K
     workspace) follow n."""
     x, y = tensors["x"], tensors["y"]
-    if p.window is not None:  # as kernels.conv2d._run: fewer stages where a window needs it
-        cfg = _fitted(cfg, p.window.kernel[0] * p.window.kernel[1], x.element_size())
-    # The interpreter multiplies bf16 tiles wrongly (see kernels.conv2d._run): fp32 dot, fp32 y.
-    dot_fp32 = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    t = dict(tensors)
-    if dot_fp32:
-        t["y"] = torch.empty(y.shape, dtype=torch.float32).contiguous(
-            memory_format=torch.channels_last)
-        p = dataclasses.replace(p, y_strides=_strides(t["y"]))
-    if p.stem:
-        t["x"], t["w"] = pad_channels(x), _padded_weight(t["w"])
     oh, ow = p.out_hw
     m, k = n * oh * ow, p.k
-    if cfg.split_k > 1:
-        t["ws"] = torch.empty(cfg.split_k * m * k, dtype=torch.float32, device=x.device)
+    p, cfg, t, dot_fp32 = prepare(p, cfg, tensors, m)
     args, constexprs, _, reduce = arguments(p, cfg, x.dtype, t, dot_fp32)
     kwargs = dict(zip(_conv2d_kernel.arg_names, args))
     kwargs["N"] = n
