@@ -8,6 +8,8 @@
 #   zoo EXPR the end-to-end suite filtered by -k EXPR (e.g. zoo "256 and fp16 and mobilenet")
 #   profile MODEL BATCH   the per-op profile of one fused model
 #   sanitize compute-sanitizer memcheck and racecheck over the CUDA C++ kernels' GPU tests
+#   tma      the per-layer suite at batch 128, the Triton default pick with and without TMA
+#   ship     the GPU tests of tune, save/load and AOTInductor packages with Triton kernels
 # Every phase after `tests` ends with the report of all JSON in $OUT.
 #   all      tests, ops and models
 # Logs, JSON and the report go to $OUT (default ./results).
@@ -90,7 +92,7 @@ if [[ $PHASE == quick ]]; then
   cat "$OUT"/quick_tests_[1-4].txt > "$OUT/quick_tests.txt"
   echo "tests: 4 processes in $((SECONDS - T0)) s (limit 110 s each)" | tee -a "$OUT/quick_times.txt"
   CNNFUSE_BENCH_CANDIDATES="$TUNE" part layers 120 python3 -m pytest bench/ops/bench_conv2d.py \
-      --benchmark-only -q -k b128 --benchmark-json="$OUT/bench_ops.json" \
+      --benchmark-only -q -k "b128 and not pointer" --benchmark-json="$OUT/bench_ops.json" \
       --benchmark-columns=median,rounds
   CASES=()
   for model in resnet50 googlenet mobilenet_v2; do
@@ -138,12 +140,22 @@ if [[ $PHASE == sanitize ]]; then
     echo "compute-sanitizer $tool: exit ${PIPESTATUS[0]}" | tee -a "$OUT/sanitize_$tool.txt"
   done
 fi
+if [[ $PHASE == tma ]]; then
+  python3 -m pytest bench/ops/bench_conv2d.py --benchmark-only -q -k "b128 and cnnfuse_triton" \
+      --benchmark-json="$OUT/bench_tma.json" --benchmark-columns=median,rounds 2>&1 \
+      | tail -60 | tee "$OUT/bench_tma.txt"
+fi
+if [[ $PHASE == ship ]]; then
+  CNNFUSE_CHECK_LAUNCH=1 python3 -m pytest -q -m cuda tests/test_triton_export.py \
+      tests/test_tune.py tests/test_serialize.py tests/test_export.py 2>&1 | tail -25 \
+      | tee "$OUT/gpu_ship.txt"
+fi
 if [[ $PHASE == zoo ]]; then
   python3 -m pytest bench/bench_models.py --benchmark-only -q -k "${2:?zoo needs a -k expression}" \
       --benchmark-json="$OUT/bench_zoo.json" --benchmark-columns=median,rounds 2>&1 \
       | tail -30 | tee "$OUT/bench_zoo.txt"
 fi
-if [[ $PHASE != tests && $PHASE != sanitize ]]; then
+if [[ $PHASE != tests && $PHASE != sanitize && $PHASE != ship ]]; then
   python3 -m cnnfuse.bench.report "$OUT"/bench_*.json "$OUT"/profile_*.json --out "$OUT/report" \
       | tail -40
 fi

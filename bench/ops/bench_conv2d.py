@@ -4,7 +4,8 @@ Providers, all in CUDA graphs: `cudnn` runs conv + BatchNorm + ReLU as PyTorch e
 `cudnn_conv_only` the bare conv; `cnnfuse` the fused op (BN folded, ReLU in the epilogue),
 autotuned over its backends; `cnnfuse_triton` the same op on the Triton kernel alone at its
 untimed default pick (CNNFUSE_BACKEND=triton, CNNFUSE_AUTOTUNE=0: the kernel that
-`python -m cnnfuse.bench.static` checks). CNNFUSE_BENCH_CANDIDATES=N bounds the autotuned
+`python -m cnnfuse.bench.static` checks); `cnnfuse_triton_pointer` that pick with
+CNNFUSE_TMA=0 (operands through pointers, not descriptors). CNNFUSE_BENCH_CANDIDATES=N bounds the autotuned
 provider's Triton candidates to the default pick and the first N - 1 others (the quick GPU
 session's bound on tuning time). Batches have ids b1 and b128 (`-k b128`).
 """
@@ -53,13 +54,16 @@ def _bound_candidates(monkeypatch):
                             lambda *args, **kw: bounded_candidates(*args, limit=limit, **kw))
 
 
-@pytest.mark.parametrize("provider", ["cudnn", "cudnn_conv_only", "cnnfuse", "cnnfuse_triton"])
+@pytest.mark.parametrize("provider", ["cudnn", "cudnn_conv_only", "cnnfuse", "cnnfuse_triton",
+                                      "cnnfuse_triton_pointer"])
 @pytest.mark.parametrize("batch", [1, 128], ids=["b1", "b128"])
 @pytest.mark.parametrize("layer", SHAPES, ids=[_id(s) for s in SHAPES])
 def test_conv_bn_relu(layer, batch, provider, timed, monkeypatch):
-    if provider == "cnnfuse_triton":
+    if provider.startswith("cnnfuse_triton"):
         monkeypatch.setenv("CNNFUSE_BACKEND", "triton")
         monkeypatch.setenv("CNNFUSE_AUTOTUNE", "0")
+        if provider == "cnnfuse_triton_pointer":  # the same pick with TMA off: its A/B
+            monkeypatch.setenv("CNNFUSE_TMA", "0")
     elif provider == "cnnfuse":
         _bound_candidates(monkeypatch)
     _, (cin, cout, k, stride, pad, h, w) = layer
@@ -73,7 +77,8 @@ def test_conv_bn_relu(layer, batch, provider, timed, monkeypatch):
     fused.fold_bn(bn)
     fused.activation = "relu"
     fns = {"cudnn": lambda: F.relu(bn(conv(x))), "cudnn_conv_only": lambda: conv(x),
-           "cnnfuse": lambda: fused(x), "cnnfuse_triton": lambda: fused(x)}
+           "cnnfuse": lambda: fused(x), "cnnfuse_triton": lambda: fused(x),
+           "cnnfuse_triton_pointer": lambda: fused(x)}
     with torch.no_grad():
         y = fns[provider]()
         replay = graph_callable(fns[provider])
