@@ -175,10 +175,21 @@ def exact(v):
     if cls in _AS_IS:
         return cls, v
     if cls is tuple:
+        # a plan passes the same tuple object (an activation's (code, p0, p1)) on every call
+        hit = _tuple_keys.get(id(v))
+        if hit is not None and hit[0] is v:
+            return hit[1]
         types = tuple(map(type, v))
         if _AS_IS.issuperset(types):  # == is exact for these, once the types match
-            return cls, types, v
-        return cls, tuple([exact(x) for x in v])
+            key = cls, types, v
+        else:
+            key = cls, tuple([exact(x) for x in v])
+            if _opaque(key):  # may hold something mutable: not remembered
+                return key
+        if len(_tuple_keys) >= MAX_ENTRIES * 16:
+            _tuple_keys.clear()
+        _tuple_keys[id(v)] = v, key  # v held: its id is not reused while the entry lives
+        return key
     if cls is float:
         return cls, v.hex()
     # subclasses (a namedtuple, an IntEnum, numpy's float64) and Triton's own values
@@ -196,6 +207,7 @@ def exact(v):
 
 
 _AS_IS = frozenset((int, bool, str, type(None), torch.dtype))
+_tuple_keys = {}  # id(tuple) -> (the tuple, its key)
 
 
 def _options(options: dict) -> tuple:
