@@ -104,8 +104,14 @@ def _check(model, size=(7, 5)):
     return err, cnnfuse.explain(model), fused
 
 
+def _cbam_channel():
+    """CBAM's channel attention: one MLP on the mean and on the max, summed, then sigmoid."""
+    from timm.layers.cbam import ChannelAttn
+    return ChannelAttn(C, rd_ratio=0.5)
+
+
 GATES = {"hand eca": HandEca, "timm eca": _eca, "timm ceca": _ceca, "timm eca mlp": _eca_mlp,
-         "ese": _ese, "multi-op": MultiOpGate, "mean+max": lambda: _ese(add_maxpool=True)}
+         "ese": _ese, "multi-op": MultiOpGate, "mean+max": lambda: _ese(add_maxpool=True), "cbam channel": _cbam_channel}
 
 
 @pytest.mark.parametrize("name", list(GATES))
@@ -119,7 +125,7 @@ def test_gate_fuses_around_its_function(name):
     assert not any(isinstance(m, FusedSqueezeExcite) for m in fused.modules())
     code = fused.code
     assert " * " not in code and ".mean(" not in code, code
-    if name == "mean+max":  # the max is computed from x inside the gate, eagerly
+    if name in ("mean+max", "cbam channel"):  # the max is computed from x inside the gate, eagerly
         assert "amax" in gates[0].body.code
 
 
