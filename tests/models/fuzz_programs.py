@@ -9,42 +9,128 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-# name -> (module, function, method, in-place forms available)
+
+class Spec:
+    """How one activation is spelled: its module and function, the names of its parameters
+    (for the keyword form), the parameter values to draw (None: PyTorch's defaults, no
+    arguments), its Tensor method, and which in-place spellings exist: a module taking
+    inplace=True, a function taking inplace=True, and `underscore`, the trailing-underscore
+    function (F.elu_, torch.selu_, or the method x.relu_() where that is all there is)."""
+
+    def __init__(self, module, function, keywords=(), values=(None,), method=None,
+                 module_inplace=False, function_inplace=False, underscore=None,
+                 positional=True):
+        self.module, self.function, self.keywords, self.values = module, function, keywords, values
+        self.method, self.module_inplace, self.function_inplace = (method, module_inplace,
+                                                                   function_inplace)
+        self.underscore, self.positional = underscore, positional
+
+    def forms(self) -> tuple:
+        """The forms this activation has (FORMS' spellings that exist for it)."""
+        return tuple(f for f, ok in (
+            ("module", True), ("function", True), ("keyword", bool(self.keywords)),
+            ("method", self.method is not None),
+            ("inplace", self.module_inplace or self.function_inplace),
+            ("function_inplace", self.function_inplace),
+            ("underscore", self.underscore is not None)) if ok)
+
+
+def _method(name):
+    return lambda x, *args: getattr(x, name)(*args)
+
+
+# Everything models/patterns.py fuses, in every spelling it matches, with its parameters, and
+# what no kernel computes: softsign, and PReLU with a weight per channel ("prelu_channels";
+# "prelu" is the one-weight PReLU, which fuses as leaky_relu). PReLU's parameter values are its
+# weight: one slope, or the (first, last) of slopes spread over the channels.
 ACTIVATIONS = {
-    "relu": (nn.ReLU, F.relu, "relu", True), "relu6": (nn.ReLU6, F.relu6, None, True),
-    "silu": (nn.SiLU, F.silu, None, True), "hardswish": (nn.Hardswish, F.hardswish, None, True),
-    "hardsigmoid": (nn.Hardsigmoid, F.hardsigmoid, None, True),
-    "sigmoid": (nn.Sigmoid, torch.sigmoid, "sigmoid", False),
-    "gelu": (nn.GELU, F.gelu, None, False), "tanh": (nn.Tanh, torch.tanh, "tanh", False),
-    "leaky_relu": (nn.LeakyReLU, F.leaky_relu, None, True),  # not fused: stays as it is
+    "relu": Spec(nn.ReLU, F.relu, method="relu", module_inplace=True, function_inplace=True,
+                 underscore=F.relu_),
+    "relu6": Spec(nn.ReLU6, F.relu6, module_inplace=True, function_inplace=True),
+    "silu": Spec(nn.SiLU, F.silu, module_inplace=True, function_inplace=True),
+    "hardswish": Spec(nn.Hardswish, F.hardswish, module_inplace=True, function_inplace=True),
+    "hardsigmoid": Spec(nn.Hardsigmoid, F.hardsigmoid, module_inplace=True,
+                        function_inplace=True),
+    "sigmoid": Spec(nn.Sigmoid, torch.sigmoid, method="sigmoid",
+                    underscore=_method("sigmoid_")),
+    "gelu": Spec(nn.GELU, F.gelu, ("approximate",), (None, ("tanh",)), positional=False),
+    "tanh": Spec(nn.Tanh, torch.tanh, method="tanh", underscore=torch.tanh_),
+    "leaky_relu": Spec(nn.LeakyReLU, F.leaky_relu, ("negative_slope",),
+                       (None, (0.2,), (-0.375,), (1.5,)), module_inplace=True,
+                       function_inplace=True, underscore=F.leaky_relu_),
+    "prelu": Spec(nn.PReLU, F.prelu, (), ((0.25,), (-0.125,), (0.75,)), method="prelu"),
+    "prelu_channels": Spec(nn.PReLU, F.prelu, (), ((-0.25, 0.5), (0.125, 0.875)),
+                           method="prelu"),
+    "elu": Spec(nn.ELU, F.elu, ("alpha",), (None, (0.5,), (2.0,)), module_inplace=True,
+                function_inplace=True, underscore=F.elu_),
+    "celu": Spec(nn.CELU, F.celu, ("alpha",), (None, (0.5,), (2.0,)), module_inplace=True,
+                 function_inplace=True, underscore=torch.celu_),
+    "selu": Spec(nn.SELU, F.selu, module_inplace=True, function_inplace=True,
+                 underscore=torch.selu_),
+    "mish": Spec(nn.Mish, F.mish, module_inplace=True, function_inplace=True),
+    "hardtanh": Spec(nn.Hardtanh, F.hardtanh, ("min_val", "max_val"),
+                     (None, (0.0, 6.0), (-0.5, 2.0), (-2.0, 0.25)), module_inplace=True,
+                     function_inplace=True, underscore=F.hardtanh_),
+    "softplus": Spec(nn.Softplus, F.softplus, ("beta", "threshold"),
+                     (None, (2.0, 5.0), (0.5, 20.0))),
+    "softsign": Spec(nn.Softsign, F.softsign),
 }
-FORMS = ("module", "function", "method", "inplace")
+FORMS = ("module", "function", "keyword", "method", "inplace", "function_inplace",
+         "underscore")
 
 
 class Act(nn.Module):
-    """An activation in one of its four spellings."""
+    """An activation in one of its spellings (FORMS), with parameters `params` (None:
+    PyTorch's defaults) over `channels` channels (a per-channel PReLU's weights). A form the
+    activation lacks falls back to one it has: method -> function, an in-place form -> the
+    other in-place forms, then the function."""
 
-    def __init__(self, name: str, form: str):
+    def __init__(self, name: str, form: str, params=None, channels: int = 1):
         super().__init__()
-        module, self.fn, self.method, inplace = ACTIVATIONS[name]
-        self.form = form if (form != "method" or self.method) else "function"
-        if self.form == "inplace" and not inplace:
-            self.form = "method_" if self.method else "function"
-        if self.form == "module":
-            self.m = module()
-        elif self.form == "inplace" and name in ("relu", "relu6", "leaky_relu"):
-            self.m = module(inplace=True)
+        spec = self.spec = ACTIVATIONS[name]
+        self.name, self.params = name, tuple(params) if params is not None else None
+        forms = spec.forms()
+        if form not in forms:
+            fallback = {"method": ("function",),
+                        "inplace": ("function_inplace", "underscore", "function"),
+                        "function_inplace": ("inplace", "underscore", "function"),
+                        "underscore": ("inplace", "function"), "keyword": ("function",)}
+            form = next(f for f in fallback.get(form, ()) + ("function",) if f in forms)
+        self.form = form
+        if name.startswith("prelu"):
+            # The weight is the parameter the function and method forms pass.
+            a = self.params or spec.values[0]
+            n = channels if name == "prelu_channels" else 1
+            weight = torch.linspace(a[0], a[-1], n) if len(a) == 2 else torch.full((n,), a[0])
+            if form == "module":
+                self.m = nn.PReLU(n)
+                with torch.no_grad():
+                    self.m.weight.copy_(weight)
+            else:
+                self.weight = nn.Parameter(weight)
+        elif form == "module":
+            self.m = spec.module(*(self.params or ()))
+        elif form == "inplace" and spec.module_inplace:
+            self.m = spec.module(*(self.params or ()), inplace=True)
+
+    def _args(self) -> tuple:
+        if self.name.startswith("prelu"):
+            return (self.weight,)
+        return self.params or ()
 
     def forward(self, x):
-        if self.form == "module":
+        spec = self.spec
+        if hasattr(self, "m"):
             return self.m(x)
         if self.form == "method":
-            return getattr(x, self.method)()
-        if self.form == "method_":
-            return getattr(x, self.method + "_")()
-        if self.form == "inplace":
-            return self.m(x) if hasattr(self, "m") else self.fn(x, inplace=True)
-        return self.fn(x)
+            return getattr(x, spec.method)(*self._args())
+        if self.form == "underscore":
+            return spec.underscore(x, *self._args())
+        if self.form in ("inplace", "function_inplace"):
+            return spec.function(x, *self._args(), inplace=True)
+        if self.form == "keyword" or (self.params and not spec.positional):
+            return spec.function(x, **dict(zip(spec.keywords, self._args())))
+        return spec.function(x, *self._args())
 
 
 def _bn(channels: int, stats: str, seed: int) -> nn.BatchNorm2d:
@@ -78,7 +164,7 @@ class Conv(nn.Module):
             conv = nn.utils.parametrizations.weight_norm(conv)
         self.conv = conv
         self.bn = _bn(cout, bn, seed + 1) if bn else None
-        self.act = Act(*act) if act else None
+        self.act = Act(*act, channels=cout) if act else None
 
     def forward(self, x):
         y = self.conv(x)
@@ -95,7 +181,7 @@ class Residual(nn.Module):
     def __init__(self, c, form, act, seed):
         super().__init__()
         self.body = Conv(c, c, 3, 1, 1, 1, 1, False, "ordinary", None, None, seed)
-        self.form, self.act = form, Act(*act) if act else None
+        self.form, self.act = form, Act(*act, channels=c) if act else None
 
     def forward(self, x):
         y = self.body(x)
@@ -181,9 +267,9 @@ class SqueezeExcite(nn.Module):
 class Add(nn.Module):
     """a + b then an activation: an SE block's residual tail when a is its product."""
 
-    def __init__(self, act):
+    def __init__(self, act, c=1):
         super().__init__()
-        self.act = Act(*act) if act else None
+        self.act = Act(*act, channels=c) if act else None
 
     def forward(self, a, b):
         y = a + b
@@ -299,7 +385,7 @@ def _make(kind, p) -> nn.Module:
     if kind == "view":
         return View(**p)
     if kind == "act":
-        return Act(*p["act"])
+        return Act(*p["act"], channels=p.get("c", 1))
     if kind == "dense":
         return Dense(**p)
     raise ValueError(kind)
@@ -318,9 +404,12 @@ def _out(size, k, s, p, d):
 
 @st.composite
 def activations(draw, allow_none=True):
+    """None (maybe), or (name, form, parameters) of one of ACTIVATIONS in a form it has."""
     if allow_none and draw(st.booleans()):
         return None
-    return (draw(st.sampled_from(sorted(ACTIVATIONS))), draw(st.sampled_from(FORMS)))
+    name = draw(st.sampled_from(sorted(ACTIVATIONS)))
+    spec = ACTIVATIONS[name]
+    return name, draw(st.sampled_from(spec.forms())), draw(st.sampled_from(spec.values))
 
 
 @st.composite
@@ -419,7 +508,8 @@ def programs(draw, max_steps: int = 5, max_size: int = 9):
             shapes.append((sc, sh, sw))
             tail = draw(st.sampled_from([None, "residual", "conv"]))
             if tail == "residual":
-                steps.append(("add", [len(shapes) - 1, src], dict(act=draw(activations()))))
+                steps.append(("add", [len(shapes) - 1, src], dict(act=draw(activations()),
+                                                                  c=sc)))
                 shapes.append((sc, sh, sw))
             elif tail == "conv":
                 p, shape = draw(conv_params(sc, sh, sw, s + 9, groups=1))
@@ -435,7 +525,7 @@ def programs(draw, max_steps: int = 5, max_size: int = 9):
                 ["view", "reshape", "flatten"])))))
             shapes.append((sc, sh, sw))
         elif kind == "act":
-            steps.append(("act", [src], dict(act=draw(activations(allow_none=False)))))
+            steps.append(("act", [src], dict(act=draw(activations(allow_none=False)), c=sc)))
             shapes.append((sc, sh, sw))
         elif kind == "siblings":
             act = draw(activations())
