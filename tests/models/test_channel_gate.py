@@ -266,3 +266,19 @@ def test_each_backend(backend_name, monkeypatch):
     monkeypatch.setenv("CNNFUSE_BACKEND", backend_name)
     _, report, _ = _check(Block(HandEca(k=5)))
     assert report.fused["channel gate pool in conv epilogue"] == 1, str(report)
+
+
+@pytest.mark.parametrize("name", ["timm eca", "ese", "mean+max"])
+def test_bfloat16_within_eager_error(name):
+    """In bfloat16 the gate takes the float32 mean rounded to bfloat16, as eager's mean is:
+    the fused model is as close to float64 as eager bfloat16 is."""
+    model = randomize_batchnorm(Block(GATES[name]())).eval()
+    x = torch.randn(2, 8, 7, 5)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        eager = copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))
+        fused = cnnfuse.fuse(model, dtype=torch.bfloat16)
+        got = fused(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert got.dtype == torch.bfloat16
+    assert relative_error(got, want) <= 2 * relative_error(eager, want) + 1e-3
+    assert any(isinstance(m, ChannelGate) and m.takes_pooled for m in fused.modules())
