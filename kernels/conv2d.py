@@ -259,8 +259,9 @@ def _conv2d_kernel(
             c_ok = cs < c_hi
             a_ok = ok[:, None] & c_ok[None, :]
             if DW or POOL_IN != 0:  # x is the input of a depthwise conv, or of a pool
-                # (max 1, average with the padding counted 2 or not 3), whose output this
-                # 1x1 conv reads: compute that output's tile here, so it never goes to memory
+                # (max 1, average with the padding counted 2 or not 3, counted with a
+                # ceil-mode overhang 4), whose output this 1x1 conv reads: compute that
+                # output's tile here, so it never goes to memory
                 empty = float("-inf") if POOL_IN == 1 else 0.0
                 d = tl.full((BLOCK_M, BLOCK_K), empty, tl.float32)
                 taps = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -287,10 +288,17 @@ def _conv2d_kernel(
                         d += tl.load(dwb_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
                     d = apply_activation(d, DW_ACT)
                 elif POOL_IN == 1:  # rows and channels past the edge: 0, not -inf, in the
-                    # dot (a window inside the tensor has a real tap: padding <= half of it)
+                    # dot (every window has a real tap: padding <= half of it, and a ceil-mode
+                    # window starts inside the input)
                     d = tl.where(mask_m[:, None] & c_ok[None, :], d, 0.0)
                 elif POOL_IN == 2:
                     d = d / (RD * SD)
+                elif POOL_IN == 4:  # ceil mode: PyTorch's divisor, the window clipped to
+                    # [-pad, H + pad), the overhang past it (right and bottom padding beyond
+                    # left and top) not counted
+                    div = ((tl.minimum(ihd0 + RD, XH + dw_pt) - ihd0)
+                           * (tl.minimum(iwd0 + SD, XW + dw_pl) - iwd0))
+                    d = d / div.to(tl.float32)[:, None]
                 else:
                     d = d / tl.maximum(taps, 1.0)[:, None]
                 a = d if DOT_FP32 else d.to(x_ptr.dtype.element_ty)  # as eager rounds it
@@ -551,8 +559,10 @@ def pool_conv2d(x: torch.Tensor, mode: str, kernel_size, stride, padding, weight
                 bias, residual, y: torch.Tensor, act_code, config: Conv2dConfig,
                 allow_tf32: bool = True) -> torch.Tensor:
     """A max or average pool (any window, stride, zero or -inf padding; padding =
-    (left, right, top, bottom)) and the 1x1 conv that reads it, as one kernel: the pooled tile
-    is computed as the conv's input loads and never goes to memory."""
+    (left, right, top, bottom), right and bottom past left and top being a ceil-mode window's
+    overhang, which an "avg" divisor does not count: see Window) and the 1x1 conv that reads
+    it, as one kernel: the pooled tile is computed as the conv's input loads and never goes to
+    memory. y (N, K, OH, OW) gives the output size."""
     n, c, xh, xw = x.shape
     win = Window(mode, tuple(kernel_size), tuple(stride), tuple(padding))
     p = Conv2dProblem(n, c, xh, xw, weight.shape[0], bias=bias is not None,

@@ -93,6 +93,15 @@ def _weight_box(p: Conv2dProblem, cfg: Conv2dConfig, ws: tuple, c: int, cg: int)
     return [p.r * p.s, p.k, cg], [ws[3], ws[0], 1], block
 
 
+def _pool_code(win) -> int:
+    """The kernel's POOL_IN for a window: POOL_MODES, and 4 for "avg" with a ceil-mode
+    overhang (right or bottom padding past left or top), whose divisor clips the window to
+    the padded input as PyTorch's does; a floor-mode "avg" divides by the whole window."""
+    code = POOL_MODES.get(win.kind, 0)
+    pad = win.padding
+    return 4 if code == 2 and (pad[1] != pad[0] or pad[3] != pad[2]) else code
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: bool,
           tma: bool = False):
@@ -147,7 +156,7 @@ def _plan(p: Conv2dProblem, cfg: Conv2dConfig, dtype: torch.dtype, dot_fp32: boo
         R=1 if win else p.r, S=1 if win else p.s, GROUPED=p.groups > 1,
         HAS_SCALE=p.input_scale is not None, HAS_AFFINE=p.input_affine is not None,
         IN_ACT=p.input_activation, DW=win is not None and win.kind == "dw",
-        POOL_IN=POOL_MODES.get(win.kind, 0) if win else 0,
+        POOL_IN=_pool_code(win) if win else 0,
         RD=win.kernel[0] if win else 1, SD=win.kernel[1] if win else 1,
         DW_BIAS=bool(win and win.bias), DW_ACT=win.activation if win else 0,
         HAS_BIAS=p.bias, HAS_RES=p.residual, ACT=p.activation, POOL=p.pooled, STEM=stem,

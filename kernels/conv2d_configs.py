@@ -22,7 +22,10 @@ class Window:
     """A window computed in the conv's load stage, whose output the 1x1 conv reads:
     kind "dw" (a depthwise conv; weight_strides are its (C, 1, KH, KW) weight's strides of
     dims 0, 2, 3), or a pool "max", "avg" (padding counted) or "avg_valid" (not counted).
-    padding is (left, right, top, bottom)."""
+    padding is (left, right, top, bottom). A pool's padding is PyTorch's: left = right and
+    top = bottom, or for ceil mode right and bottom larger by the overhang its last window may
+    have (ref.pool_conv2d.pool_padding); "avg" divides by the window clipped to [-top, H + top) x
+    [-left, W + left), as PyTorch's count_include_pad does, so that overhang is not counted."""
     kind: str
     kernel: tuple
     stride: tuple = (1, 1)
