@@ -37,8 +37,8 @@ def run(g: FusionGraph) -> None:
 
 
 def _hw(dims) -> bool:
-    return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3] \
-        and all(isinstance(d, int) for d in dims)
+    return (isinstance(dims, (tuple, list)) and all(type(d) is int for d in dims)
+            and sorted(d % 4 for d in dims) == [2, 3])
 
 
 def _one(size) -> bool:
@@ -129,7 +129,7 @@ def _subgraph(g: FusionGraph, gate: fx.Node, x: fx.Node, mul: fx.Node):
     return order, out, leaves, expand
 
 
-def _body(g: FusionGraph, order, out, leaves, scales) -> tuple:
+def _body(g: FusionGraph, x: fx.Node, order, out, leaves, scales) -> tuple:
     """An fx.GraphModule forward(x, mean) computing g, its modules and attributes renamed by
     their path below the innermost module they share."""
     graph = fx.Graph()
@@ -154,7 +154,7 @@ def _body(g: FusionGraph, order, out, leaves, scales) -> tuple:
             env[node] = (graph.call_function(operator.getitem, (
                 mean_in, (slice(None), slice(None), None, None))) if kind[1] else mean_in)
             continue
-        copy = graph.node_copy(node, lambda n: x_in if n not in env else env[n])
+        copy = graph.node_copy(node, lambda n: env[n] if n is not x else x_in)
         if copy.op in ("call_module", "get_attr"):
             copy.target = names[node.target]
         env[node] = copy
@@ -223,7 +223,7 @@ def _fuse(g: FusionGraph, mul: fx.Node) -> None:
             break
         scaled.append((user, found[1]))
         product = user
-    body, common = _body(g, order, out, leaves, [c for _, c in scaled])
+    body, common = _body(g, x, order, out, leaves, [c for _, c in scaled])
     if not _gives_channel_gate(body, channels):
         return
     for user, _ in scaled:
