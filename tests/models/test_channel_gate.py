@@ -282,3 +282,28 @@ def test_bfloat16_within_eager_error(name):
     assert got.dtype == torch.bfloat16
     assert relative_error(got, want) <= 2 * relative_error(eager, want) + 1e-3
     assert any(isinstance(m, ChannelGate) and m.takes_pooled for m in fused.modules())
+
+
+class Spelled(nn.Module):
+    """One ECA gate, its mean spelled one of the ways models write it."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling, self.pool = spelling, nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        n, c = x.size(0), x.size(1)
+        if self.spelling == "module":
+            m = self.pool(x)
+        elif self.spelling == "torch.mean":
+            m = torch.mean(x, dim=(-2, -1), keepdim=True)
+        else:
+            m = x.mean(dim=[3, 2])
+        return torch.mul(x, torch.sigmoid(self.conv(m.reshape(n, 1, c))).reshape(n, c, 1, 1))
+
+
+@pytest.mark.parametrize("spelling", ["module", "torch.mean", "method"])
+def test_mean_spellings(spelling):
+    _, report, _ = _check(Block(Spelled(spelling)))
+    assert report.fused["channel gate pool in conv epilogue"] == 1, str(report)
