@@ -111,7 +111,8 @@ def _cbam_channel():
 
 
 GATES = {"hand eca": HandEca, "timm eca": _eca, "timm ceca": _ceca, "timm eca mlp": _eca_mlp,
-         "ese": _ese, "multi-op": MultiOpGate, "mean+max": lambda: _ese(add_maxpool=True), "cbam channel": _cbam_channel}
+         "ese": _ese, "multi-op": MultiOpGate, "mean+max": lambda: _ese(add_maxpool=True),
+         "cbam channel": _cbam_channel}
 
 
 @pytest.mark.parametrize("name", list(GATES))
