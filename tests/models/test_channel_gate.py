@@ -179,6 +179,17 @@ class NotPerChannel(nn.Module):
         return x * torch.sigmoid(x.mean((2, 3), keepdim=True).mean(0, keepdim=True))
 
 
+class ReadsSpatialParameter(nn.Module):
+    """The gate adds a learned (1, C, H, W) map to the means: a gate of size H x W."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, C, 5, 7))
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.mean((2, 3), keepdim=True) + self.pos)
+
+
 class WritesX(nn.Module):
     """x written between the mean and the product: the mean must be of x before the write."""
 
@@ -196,7 +207,8 @@ class GateReadTwice(nn.Module):
         return x * g + g
 
 
-@pytest.mark.parametrize("attn", [ReadsX, ReadsOther, NotPerChannel, WritesX, GateReadTwice],
+@pytest.mark.parametrize("attn", [ReadsX, ReadsOther, ReadsSpatialParameter, NotPerChannel,
+                                  WritesX, GateReadTwice],
                          ids=lambda c: c.__name__)
 def test_not_a_channel_gate_is_left_alone(attn):
     _, report, fused = _check(Block(attn()), size=(5, 7))
