@@ -368,10 +368,10 @@ def _pair(v) -> Optional[tuple]:
 
 
 def pool_window(node: fx.Node, modules: dict) -> Optional[tuple]:
-    """(input, mode, kernel, stride, (pad_h, pad_w)) for a 2-D max or average pool that
-    `ops.pool_conv2d` computes: no dilation, indices or divisor override, and floor-mode
-    output sizes (ceil mode only at stride 1, where the two agree). mode: max, avg (padding
-    counted in the divisor) or avg_valid. Else None."""
+    """(input, mode, kernel, stride, (pad_h, pad_w), ceil_mode) for a 2-D max or average pool
+    that `ops.pool_conv2d` computes: no dilation, indices or divisor override, padding at most
+    half the window (as PyTorch requires), floor or ceil mode. mode: max, avg (padding counted
+    in the divisor) or avg_valid. Else None."""
     if node.op == "call_module":
         m = modules[node.target]
         if not isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or len(node.args) != 1 or node.kwargs:
@@ -395,13 +395,14 @@ def pool_window(node: fx.Node, modules: dict) -> Optional[tuple]:
     padding = _pair(p.get("padding", 0))
     if kernel is None or stride is None or padding is None:
         return None
+    flags = (p.get("ceil_mode", False), p.get("count_include_pad", True))
     if (_pair(p.get("dilation", 1)) != (1, 1) or p.get("return_indices")
             or p.get("divisor_override") is not None
-            or (p.get("ceil_mode") and stride != (1, 1))
+            or not all(isinstance(f, (bool, int)) for f in flags)  # not one computed in the graph
             or padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2):
         return None
     mode = "max" if is_max else "avg" if p.get("count_include_pad", True) else "avg_valid"
-    return x, mode, kernel, stride, padding
+    return x, mode, kernel, stride, padding, bool(p.get("ceil_mode", False))
 
 
 def cat_parts(node: fx.Node, min_parts: int = 2) -> Optional[list]:

@@ -9,6 +9,7 @@ from torch import nn
 from ... import ops, ref
 from ...ops import _eager
 from ...ops._eager import signature
+from ...ref.pool_conv2d import pool_padding
 from .fused_conv import FusedConv2d, _fits, with_epilogue
 
 
@@ -20,14 +21,19 @@ def can_take(conv: FusedConv2d) -> bool:
 
 
 class FusedPoolConv2d(nn.Module):
-    """act(conv1x1(pool(x)) + residual); the conv keeps its parameters as `conv`."""
+    """act(conv1x1(pool(x)) + residual); the conv keeps its parameters as `conv`. mode "max",
+    "avg" or "avg_valid"; kernel_size, stride, padding (h, w) and ceil_mode as the pool
+    (nn.MaxPool2d / nn.AvgPool2d) takes them."""
+    ceil_mode = False  # (instances pickled before ceil mode was paired have none of their own)
 
-    def __init__(self, mode: str, kernel_size, stride, padding, conv: FusedConv2d):
+    def __init__(self, mode: str, kernel_size, stride, padding, conv: FusedConv2d,
+                 ceil_mode: bool = False):
         super().__init__()
         if not can_take(conv):
             raise ValueError("FusedPoolConv2d needs a 1x1 stride-1 conv without a prologue")
         self.mode, self.pool_kernel, self.pool_stride = mode, tuple(kernel_size), tuple(stride)
         self.pool_padding = tuple(padding)  # (h, w), as the pool takes it
+        self.ceil_mode = bool(ceil_mode)
         self.conv = conv
 
     # The geometry of the pair, as a concatenation sizes its parts.
@@ -35,7 +41,10 @@ class FusedPoolConv2d(nn.Module):
     out_channels = property(lambda self: self.conv.out_channels)
     kernel_size = property(lambda self: self.pool_kernel)
     stride = property(lambda self: self.pool_stride)
-    padding = property(lambda self: (self.pool_padding[1],) * 2 + (self.pool_padding[0],) * 2)
+    # (left, right, top, bottom): a ceil-mode window's overhang as right and bottom padding,
+    # so the floor-mode output size of this padding is the pool's
+    padding = property(lambda self: tuple(pool_padding(self.pool_kernel, self.pool_stride,
+                                                       self.pool_padding, self.ceil_mode)))
     dilation = property(lambda self: (1, 1))
     has_residual = property(lambda self: self.conv.has_residual)
 
@@ -46,7 +55,7 @@ class FusedPoolConv2d(nn.Module):
             key = (signature(x), signature(residual), signature(out), conv.weight.dtype,
                    conv.weight.device, _eager.environment(), conv.activation,
                    conv.has_residual, self.mode, self.pool_kernel, self.pool_stride,
-                   self.pool_padding)
+                   self.pool_padding, self.ceil_mode)
             plan = _eager.cached(self, key, lambda: self._eager_plan(x, residual, out))
             if plan is not None:
                 return plan(x, conv.weight, conv.bias, residual=residual, dest=out)
@@ -54,10 +63,10 @@ class FusedPoolConv2d(nn.Module):
             # a weight kept wider than x (so it does not overflow): the pool, then the conv in
             # its weight's dtype
             return conv(ref.pool2d(x, self.mode, self.pool_kernel, self.pool_stride,
-                                   self.pool_padding), residual, out=out)
+                                   self.pool_padding, self.ceil_mode), residual, out=out)
         op = functools.partial(ops.pool_conv2d, x, conv.weight, conv.bias, mode=self.mode,
                                kernel_size=self.pool_kernel, stride=self.pool_stride,
-                               padding=self.pool_padding)
+                               padding=self.pool_padding, ceil_mode=self.ceil_mode)
         return with_epilogue(self, op, x, residual, out, conv.activation)
 
     def _eager_plan(self, x, residual, out):
@@ -67,10 +76,13 @@ class FusedPoolConv2d(nn.Module):
         if (self.has_residual != (residual is not None) or conv.weight.dtype != x.dtype
                 or (residual is not None and not _fits(residual, x, self))):
             return None
+        pads = self.padding
+        if pads[1] != pads[0] or pads[3] != pads[2]:  # a ceil-mode overhang
+            if _eager._cpu_fp32(x):  # that plan pools in floor mode: the op's reference
+                return None
         return _eager.plan_pool_conv2d(x, conv.weight, conv.bias, self.mode, self.pool_kernel,
-                                       self.pool_stride, self.pool_padding, conv.activation,
-                                       residual, out)
+                                       self.pool_stride, pads, conv.activation, residual, out)
 
     def extra_repr(self) -> str:
         return (f"{self.mode} pool {self.pool_kernel}, stride={self.pool_stride}, "
-                f"padding={self.pool_padding}")
+                f"padding={self.pool_padding}" + (", ceil_mode=True" if self.ceil_mode else ""))
