@@ -41,8 +41,9 @@ def reason(g: FusionGraph, node):
         if residual_operands(node):
             return ("add of two tensors runs eager: neither is a fused conv's output that "
                     "only the add reads (or that conv already adds one)")
-        return ("product of two tensors runs eager: no SE gate pattern, and no conv epilogue "
-                "multiplies by a tensor")
+        return ("product of two tensors runs eager: neither an SE gate nor a channel gate "
+                "computed only from the other factor's mean, and no conv epilogue multiplies by "
+                "a tensor")
     m = g.module(node)
     if isinstance(m, _UPSAMPLE) or (node.op == "call_function" and node.target is F.interpolate):
         mode = node.kwargs.get("mode", getattr(m, "mode", "nearest"))
