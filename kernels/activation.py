@@ -8,6 +8,11 @@ cache keys on it), or a bare int code for an activation without parameters.
 Triton has no expm1, log1p or tanh on both 3.6 and 3.8 (and the interpreter): they are
 written here from exp with short series where exp(x) - 1 or log(1 + u) would cancel, so
 ELU near 0 and softplus far below 0 keep their relative precision.
+
+NaN goes through as PyTorch's kernels let it: every float clamp here is tl.minimum/tl.maximum
+with propagate_nan=ALL (PTX min.NaN.f32/max.NaN.f32, SASS FMNMX.NAN: the same one
+instruction as the default, which returns the operand that is not NaN, so relu(NaN) would be
+0), and the branches test x <= 0 where x itself is the other side, so NaN takes x.
 """
 import triton
 import triton.language as tl
@@ -37,6 +42,16 @@ def act_param(act, i):
 
 
 @triton.jit
+def _min(x, y):
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(x, y):
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _expm1(x):
     # exp(x) - 1 loses relative precision below |x| ~ 0.5; there the Taylor series to x^8
     # (truncation under 1.5e-8 relative at |x| = 0.5).
@@ -59,7 +74,7 @@ def _log1p_unit(u):
 @triton.jit
 def _tanh(x):
     # tanh(a) = expm1(2a) / (expm1(2a) + 2) for a = |x|; 1 in fp32 from a = 9.1 on.
-    a = tl.minimum(tl.abs(x), 10.0)
+    a = _min(tl.abs(x), 10.0)
     e = _expm1(2.0 * a)
     t = e / (e + 2.0)
     return tl.where(x < 0, -t, t)
@@ -71,15 +86,15 @@ def apply_activation(x, ACT: tl.constexpr):
     P0: tl.constexpr = act_param(ACT, 1)
     P1: tl.constexpr = act_param(ACT, 2)
     if CODE == 1:  # relu
-        x = tl.maximum(x, 0.0)
+        x = _max(x, 0.0)
     elif CODE == 2:  # relu6
-        x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        x = _min(_max(x, 0.0), 6.0)
     elif CODE == 3:  # silu
         x = x * tl.sigmoid(x)
     elif CODE == 4:  # hardswish
-        x = x * (tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) * (1.0 / 6.0))
+        x = x * (_min(_max(x + 3.0, 0.0), 6.0) * (1.0 / 6.0))
     elif CODE == 5:  # hardsigmoid
-        x = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) * (1.0 / 6.0)
+        x = _min(_max(x + 3.0, 0.0), 6.0) * (1.0 / 6.0)
     elif CODE == 6:  # sigmoid
         x = tl.sigmoid(x)
     elif CODE == 7:  # gelu (erf)
@@ -90,22 +105,25 @@ def apply_activation(x, ACT: tl.constexpr):
     elif CODE == 9:  # leaky_relu(negative_slope); PReLU with one weight
         x = tl.where(x > 0, x, x * P0)
     elif CODE == 10:  # elu(alpha)
-        x = tl.where(x > 0, x, P0 * _expm1(tl.minimum(x, 0.0)))
-    elif CODE == 11:  # celu(alpha): elu with its input divided by alpha
-        x = tl.where(x > 0, x, P0 * _expm1(tl.minimum(x * (1.0 / P0), 0.0)))
+        x = tl.where(x <= 0, P0 * _expm1(_min(x, 0.0)), x)
+    elif CODE == 11:  # celu(alpha): elu with its input divided by alpha, as PyTorch's
+        # x <= 0 ? alpha·expm1(x·(1/alpha)) : x for either sign of alpha (for alpha < 0 the
+        # exponent is >= 0). x is clamped, not x/alpha: the clamp only keeps the branch that
+        # is not taken from overflowing.
+        x = tl.where(x <= 0, P0 * _expm1(_min(x, 0.0) * (1.0 / P0)), x)
     elif CODE == 12:  # selu
         x = 1.0507009873554805 * tl.where(
-            x > 0, x, 1.6732632423543772 * _expm1(tl.minimum(x, 0.0)))
+            x <= 0, 1.6732632423543772 * _expm1(_min(x, 0.0)), x)
     elif CODE == 13:  # mish: x·tanh(log(1 + e^x)) = x·n / (n + 2), n = e^x (e^x + 2)
-        e = tl.exp(tl.minimum(x, 20.0))
+        e = tl.exp(_min(x, 20.0))
         n = e * (e + 2.0)
         x = tl.where(x > 20.0, x, x * (n / (n + 2.0)))
     elif CODE == 14:  # tanh
         x = _tanh(x)
     elif CODE == 15:  # hardtanh(min_val, max_val)
-        x = tl.minimum(tl.maximum(x, P0), P1)
+        x = _min(_max(x, P0), P1)
     elif CODE == 16:  # softplus(beta, threshold) = max(z, 0) + log(1 + e^-|z|) over beta
         z = x * P0
-        sp = (tl.maximum(z, 0.0) + _log1p_unit(tl.exp(-tl.abs(z)))) * (1.0 / P0)
+        sp = (_max(z, 0.0) + _log1p_unit(tl.exp(-tl.abs(z)))) * (1.0 / P0)
         x = tl.where(z > P1, x, sp)
     return x

@@ -25,11 +25,16 @@ constexpr float kSeluAlpha = 1.6732632423543772848170429916717f;
 constexpr float kSeluScale = 1.0507009873554804934193349852946f;
 
 CNNFUSE_HD float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
-CNNFUSE_HD float clampf_(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+// Clamps that let NaN through, as PyTorch's kernels do: fmaxf/fminf return the operand that
+// is not NaN (relu(NaN) would be 0). A comparison with NaN is false, so x comes out.
+CNNFUSE_HD float maxf_(float x, float lo) { return x < lo ? lo : x; }
+CNNFUSE_HD float clampf_(float x, float lo, float hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
 
 CNNFUSE_HD float activate(float x, int act, float p0 = 0.f, float p1 = 0.f) {
   switch (act) {
-    case kRelu: return fmaxf(x, 0.f);
+    case kRelu: return maxf_(x, 0.f);
     case kRelu6: return clampf_(x, 0.f, 6.f);
     case kSilu: return x * sigmoidf_(x);
     case kHardswish: return x * clampf_(x + 3.f, 0.f, 6.f) * (1.f / 6.f);

@@ -16,7 +16,9 @@ one weight a is leaky_relu(a), for any a); elu = x if x > 0 else alpha·(exp(x) 
 et al. 2015); celu = x if x > 0 else alpha·(exp(x/alpha) - 1) (Barron 2017); selu =
 scale·elu(x, alpha) with the constants of Klambauer et al. 2017; mish = x·tanh(softplus(x))
 (Misra 2019); hardtanh = clamp(x, min_val, max_val); softplus = x if beta·x > threshold
-else log(1 + exp(beta·x)) / beta.
+else log(1 + exp(beta·x)) / beta. celu takes either sign of alpha (aten computes it as
+x <= 0 ? alpha·(exp(x·(1/alpha)) - 1) : x). NaN goes through every activation, as in
+PyTorch; ±inf gives PyTorch's float32 result (silu(-inf) is NaN, as -inf·0).
 """
 import functools
 import math
@@ -52,9 +54,18 @@ def _unsupported(name) -> ValueError:
                       "parameters in brackets where they have any, e.g. 'leaky_relu(0.2)'")
 
 
+# The largest finite float32. A finite parameter beyond it is refused as PyTorch refuses it on
+# a float32 tensor ("value cannot be converted to type float without overflow"); kept, it
+# would also make Triton type the constant, and so the whole epilogue, as float64.
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_params(base: str, params: tuple) -> None:
     if any(math.isnan(p) for p in params):
         raise ValueError(f"{base}: a parameter is NaN ({params})")
+    if any(math.isfinite(p) and abs(p) > _FLOAT32_MAX for p in params):
+        raise ValueError(f"{base}: a parameter is beyond float32's range ({params}); PyTorch "
+                         "cannot apply it to a float32 tensor either")
     if base in ("leaky_relu", "elu", "celu") and not math.isfinite(params[0]):
         raise ValueError(f"{base}: {PARAMETERS[base][0][0]}={params[0]} must be finite")
     if base == "celu" and params[0] == 0.0:

@@ -33,6 +33,7 @@ FORMS = [
     (nn.LeakyReLU(0.3, inplace=True), "leaky_relu(0.3)"),
     (_prelu(-0.375), "leaky_relu(-0.375)"), (_prelu(1.75), "leaky_relu(1.75)"),
     (nn.ELU(0.5), "elu(0.5)"), (nn.ELU(inplace=True), "elu(1.0)"), (nn.CELU(2.0), "celu(2.0)"),
+    (nn.CELU(-1.0), "celu(-1.0)"), (lambda x: F.celu(x, alpha=-0.5), "celu(-0.5)"),
     (nn.SELU(), "selu"), (nn.SELU(inplace=True), "selu"), (nn.Mish(), "mish"),
     (nn.Tanh(), "tanh"), (nn.Hardtanh(-2.0, 0.5), "hardtanh(-2.0,0.5)"),
     (nn.Hardtanh(), "hardtanh(-1.0,1.0)"), (nn.ReLU6(), "relu6"), (nn.Hardtanh(0.0, 6.0), "relu6"),
@@ -166,8 +167,10 @@ def test_a_parameter_known_only_at_run_time_is_not_matched(fn):
 
 @pytest.mark.parametrize("act", [
     lambda x: F.leaky_relu(x, True), lambda x: F.celu(x, 0.0), lambda x: F.hardtanh(x, 1.0, -1.0),
-    lambda x: F.gelu(x, approximate="sigmoid"),
-], ids=["bool-slope", "celu-alpha-0", "hardtanh-inverted", "gelu-unknown"])
+    lambda x: F.gelu(x, approximate="sigmoid"), lambda x: F.hardtanh(x, -1e39, 1e39),
+    lambda x: F.leaky_relu(x, 1e39),
+], ids=["bool-slope", "celu-alpha-0", "hardtanh-inverted", "gelu-unknown",
+        "hardtanh-beyond-float32", "slope-beyond-float32"])
 def test_values_the_formula_cannot_take_are_not_matched(act):
     class Fn(nn.Module):
         def forward(self, x):

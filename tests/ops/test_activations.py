@@ -24,11 +24,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Every activation with its defaults, and the parametrised ones at other values: negative
 # and > 1 slopes (a PReLU weight may be either), small and large alphas, an asymmetric
-# hardtanh, softplus with other beta and threshold.
+# hardtanh, softplus with other beta and threshold, celu with a negative alpha (PyTorch takes
+# it: alpha·(exp(x/alpha) - 1) below 0, an exponent that is then positive).
 NAMES = list(ref.ACTIVATIONS) + [
     "leaky_relu(0.2)", "leaky_relu(-0.5)", "leaky_relu(1.5)", "elu(0.5)", "elu(2.0)",
-    "celu(0.7)", "celu(3.0)", "hardtanh(-2.0,0.5)", "softplus(2.0,5.0)", "softplus(0.5,1.0)",
+    "celu(0.7)", "celu(3.0)", "celu(-1.0)", "celu(-0.5)", "hardtanh(-2.0,0.5)",
+    "softplus(2.0,5.0)", "softplus(0.5,1.0)", "softplus(-1.5,3.0)",
 ]
+
+# NaN and the infinities: PyTorch lets NaN through every activation and gives each its limit
+# at ±inf (or NaN where the formula is inf·0: silu, hardswish, gelu, mish at -inf).
+SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0, -1.0, 2.0]
 
 
 def torch_module(name: str) -> nn.Module:
@@ -91,7 +97,7 @@ def assert_close_elementwise(ours, torch_same, ref64, dtype):
     tiny = {torch.float32: 1e-20, torch.float16: 2.0 ** -24, torch.bfloat16: 1e-20}[dtype]
     ours, torch_same = ours.double(), torch_same.double()
     bound = 2 * (torch_same - ref64).abs() + eps * ref64.abs() + tiny
-    bad = (ours - ref64).abs() > bound
+    bad = ((ours - ref64).abs() > bound) | (ours.isnan() & ~ref64.isnan())  # NaN: unwritten
     assert not bad.any(), (
         f"{int(bad.sum())} values off; first at x-index {int(bad.flatten().nonzero()[0])}: "
         f"ours {ours.flatten()[bad.flatten()][0].item()!r}, "
@@ -170,11 +176,25 @@ def test_canonical_from_parameters_is_exact():
     ("relu(1)", ValueError, "0 parameter"), ("elu(a)", ValueError, "must be numbers"),
     ("celu(0)", ValueError, "alpha must not be 0"), ("hardtanh(1,-1)", ValueError, "above"),
     ("softplus(0,20)", ValueError, "beta"), ("leaky_relu(nan)", ValueError, "NaN"),
+    ("hardtanh(-1e39,1e39)", ValueError, "float32"), ("leaky_relu(1e39)", ValueError, "float32"),
+    ("softplus(1.0,-3.5e38)", ValueError, "float32"), ("elu(-1e300)", ValueError, "float32"),
     (3, TypeError, "must be a str"),
 ])
 def test_bad_spellings(bad, error, match):
     with pytest.raises(error, match=match):
         ref.activation_args(bad)
+
+
+def test_float32_range_edges():
+    """Infinite parameters and float32's largest are taken; one ulp of float64 past it is not
+    (PyTorch raises for a float32 tensor)."""
+    big = float(torch.finfo(torch.float32).max)
+    assert ref.activation_args("hardtanh(-inf,inf)")[1:] == (-math.inf, math.inf)
+    assert ref.activation_args(f"hardtanh({-big!r},{big!r})")[1:] == (-big, big)
+    with pytest.raises(ValueError, match="float32"):
+        ref.canonical("hardtanh", -1.0, math.nextafter(big, math.inf))
+    with pytest.raises(RuntimeError, match="overflow"):
+        nn.Hardtanh(-1.0, math.nextafter(big, math.inf))(torch.zeros(2))
 
 
 def test_op_errors_name_the_argument():
@@ -193,6 +213,23 @@ def test_parsed_lookup_is_under_a_microsecond():
         assert best / 20000 < 1e-6, f"{name}: {best / 20000 * 1e9:.0f} ns a lookup"
 
 
+def special_data() -> torch.Tensor:
+    """(1, 37) float64: SPECIALS repeated to an odd length."""
+    return torch.tensor((SPECIALS * 5)[:37], dtype=torch.float64).view(1, 37)
+
+
+def assert_specials(ours, ref64):
+    """NaN where PyTorch (float64) has NaN, the same infinities, the finite limits to fp32
+    rounding. float64, not float32: PyTorch's vectorised float32 CPU gelu gives NaN at +inf
+    (its limit, and its CUDA kernel's result, is +inf)."""
+    ours, ref64 = ours.double().flatten(), ref64.double().flatten()
+    where = [i for i in range(ours.numel()) if not (
+        (ours[i].isnan() and ref64[i].isnan()) or ours[i] == ref64[i]
+        or abs(ours[i] - ref64[i]) <= 1e-6 * abs(ref64[i]) + 1e-7)]
+    assert not where, (f"{len(where)} values off; f({(SPECIALS * 5)[where[0] % 37]}) = "
+                       f"{ours[where[0]].item()} (PyTorch {ref64[where[0]].item()})")
+
+
 # ------------------------------------------------------------------ reference and eager forms
 
 @pytest.mark.parametrize("name", NAMES)
@@ -201,6 +238,15 @@ def test_reference_is_pytorch(name):
     module = torch_module(name).double()
     torch.testing.assert_close(ref.apply_activation(x, name), module(x), rtol=1e-13,
                                atol=1e-15)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_specials(name):
+    x = special_data()
+    want = torch_module(name).double()(x)
+    assert_specials(ref.apply_activation(x, name), want)
+    assert_specials(ref.apply_activation(x.float(), name), want)
+    assert_specials(table.activate_(x.float(), name), torch_module(name)(x.float()))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -244,6 +290,24 @@ def test_depthwise_cpp(name, dtype, backend):
     module = torch_module(name)
     assert_close_elementwise(out, module(x.float()).to(dtype) if dtype != torch.float32
                              else module(x), module.double()(x.double()), dtype)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bias_act_cpp_specials(name, backend):
+    backend("cuda")
+    x = _nchw(special_data(), torch.float32)
+    out = torch.full_like(x, 123.0)
+    ops.bias_act(x, activation=name, out=out)
+    assert_specials(out.flatten(), torch_module(name).double()(x.double()).flatten())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_depthwise_cpp_specials(name, backend):
+    backend("cuda")
+    x = _nchw(special_data(), torch.float32)
+    out = torch.full_like(x, 123.0)
+    ops.depthwise_conv2d(x, torch.ones(37, 1, 1, 1), activation=name, out=out)
+    assert_specials(out.flatten(), torch_module(name).double()(x.double()).flatten())
 
 
 def test_depthwise_schema_takes_the_parameters():
@@ -291,6 +355,34 @@ def test_triton_conv_prologue(name, backend):
     y = ops.conv2d(x, w, input_affine=affine, input_activation=name)
     module = torch_module(name)
     assert_close_elementwise(y, module(x), module.double()(x.double()), torch.float32)
+
+
+def _one_channel(x: torch.Tensor) -> torch.Tensor:
+    """(1, 37) values as a (1, 1, 37, 1) tensor: a 1x1 conv of weight 1 over one channel
+    passes them through, inf and NaN included (an identity over 37 channels would add inf·0)."""
+    return x.float().view(1, 1, 37, 1).contiguous(memory_format=torch.channels_last)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf·0
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_conv_epilogue_specials(name, backend):
+    backend("triton")
+    x = _one_channel(special_data())
+    out = torch.full_like(x, 123.0)
+    ops.conv2d(x, torch.ones(1, 1, 1, 1), activation=name, out=out)
+    assert_specials(out, torch_module(name).double()(x.double()))
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf·0
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_conv_prologue_specials(name, backend):
+    backend("triton")
+    x = _one_channel(special_data())
+    y = ops.conv2d(x, torch.ones(1, 1, 1, 1), input_affine=torch.tensor([[1.0], [0.0]]),
+                   input_activation=name)
+    assert_specials(y, torch_module(name).double()(x.double()))
 
 
 @needs_triton
@@ -396,3 +488,47 @@ def test_parameters_specialise_the_compiled_kernel(epilogue, prologue, immediate
     assert done.returncode == 0, done.stderr[-2000:]
     for imm in immediates:
         assert imm in done.stdout, f"{imm} not in the PTX of {epilogue} / {prologue}"
+
+
+NAN_PTX_SCRIPT = """
+import re, sys, torch, triton, triton.language as tl
+from cnnfuse import ref
+from cnnfuse.kernels.activation import apply_activation
+from cnnfuse.kernels.aot import compile_specialised
+
+@triton.jit
+def act_kernel(x_ptr, y_ptr, ACT: tl.constexpr):
+    offs = tl.arange(0, 128)
+    tl.store(y_ptr + offs, apply_activation(tl.load(x_ptr + offs), ACT))
+
+for name in sys.argv[1:]:
+    act = ref.activation_args(name)
+    act = act if act[0] in (9, 10, 11, 15, 16) else act[0]
+    x = torch.empty(128)
+    ptx = compile_specialised(act_kernel, (x, x), dict(ACT=act)).asm["ptx"]
+    print(name, sorted(set(re.findall(r"\\b(?:min|max)(?:\\.\\w+)*\\.f(?:32|64)\\b", ptx))),
+          "f64" in ptx)
+"""
+
+
+def test_compiled_clamps_let_nan_through(tmp_path):
+    """Compiled for sm_90, every float min/max of the activations is the NaN-propagating one
+    (min.NaN.f32 / max.NaN.f32); the plain min.f32 returns the other operand, so relu(NaN)
+    would be 0 on the GPU. No float64. A @jit function must live in a file: the script is
+    written to one."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    names = sorted(set(NAMES))
+    script = tmp_path / "act_ptx.py"
+    script.write_text(NAN_PTX_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), *names], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(names)
+    for line in lines:
+        name, rest = line.split(" ", 1)
+        ops_used, f64 = rest.rsplit(" ", 1)
+        assert f64 == "False", f"{name}: float64 in the PTX"
+        for op in eval(ops_used):
+            assert ".NaN." in op, f"{name}: {op} drops NaN"
