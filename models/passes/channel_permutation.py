@@ -17,15 +17,17 @@ one `interleave_channels` call, then, until nothing changes:
 What is left (a grouped conv's output read by a grouped conv, IGC's P) runs as one copy, and
 explain lists it. Runs before conv_bn_act, which then folds what moved next to a conv.
 Source of the interleave: Zhang et al., "Interleaved Group Convolutions", ICCV 2017, Eq. 3."""
+import copy
 import operator
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..graph import FusionGraph
-from ..modules.permute import interleave_channels, interleave_index
+from ..modules.permute import interleave_channels, interleave_index, unpermute_residual
 from ..patterns import activation_of_node, adds_in_place, cat_parts, channel_shuffle_after, \
     may_mutate, residual_operands
 from .conv_bn_act import bn_epilogue, unsupported
@@ -35,6 +37,9 @@ _SHUFFLE_FUNCTIONS = tuple(f for f in (getattr(torch, "channel_shuffle", None),
                                        getattr(torch, "native_channel_shuffle", None)) if f)
 _MOVED = "batchnorm / activation moved before a channel permutation"
 _IN_WEIGHTS = "channel permutation in conv weights"
+# eager's view → transpose → contiguous → view returns contiguous NCHW whatever the input's
+# layout (F.channel_shuffle keeps it): passes/layout restores that at the outputs
+EAGER_FORMAT = "cnnfuse_eager_format"
 
 
 def _is_perm(node) -> bool:
@@ -48,6 +53,7 @@ def _collapse(g: FusionGraph) -> None:
         if getattr(node, "_erased", False):
             continue
         m = g.module(node)
+        found = None
         if isinstance(m, nn.ChannelShuffle) and len(node.args) == 1 and not node.kwargs:
             source, groups, chain = node.args[0], m.groups, [node]
         elif (node.op == "call_function" and node.target in _SHUFFLE_FUNCTIONS
@@ -61,6 +67,8 @@ def _collapse(g: FusionGraph) -> None:
         with g.graph.inserting_before(chain[-1]):
             perm = g.graph.call_function(interleave_channels, (source, groups, False))
         perm.meta["nn_module_stack"] = chain[-1].meta.get("nn_module_stack", {})
+        if found is not None:
+            perm.meta[EAGER_FORMAT] = "contiguous"
         chain[-1].replace_all_uses_with(perm)
         shapes = [a for n in chain for a in n.all_input_nodes if a not in chain]
         for n in reversed(chain):
@@ -76,7 +84,7 @@ def _channel_step(g: FusionGraph, node) -> Optional[str]:
     m = g.module(node)
     if isinstance(m, nn.BatchNorm2d):
         ok = (len(node.args) == 1 and not node.kwargs and bn_epilogue(m)[1] is None
-              and g.called_once(node) and _params_private(g, node))
+              and g.called_once(node) and _params_private(g, node) and _indexable(m))
         return "bn" if ok else None
     # (an activation's other arguments are constants: a slope, bounds, inplace)
     if activation_of_node(node, g.modules) is None or any(
@@ -91,9 +99,18 @@ def _dense_conv(g: FusionGraph, node) -> Optional[nn.Conv2d]:
     m = g.module(node)
     if (isinstance(m, nn.Conv2d) and unsupported(m) is None and m.groups == 1
             and g.called_once(node) and len(node.args) == 1 and not node.kwargs
-            and _params_private(g, node)):
+            and _params_private(g, node) and _indexable(m)):
         return m
     return None
+
+
+def _indexable(m: nn.Module) -> bool:
+    """Whether the module's weight and bias are its own plain parameters (a parametrised
+    weight is computed from `parametrizations.weight.original` at each call: indexing what
+    it returns would change nothing)."""
+    return not parametrize.is_parametrized(m) and all(
+        name in m._parameters for name in ("weight", "bias") if getattr(m, name, None)
+        is not None)
 
 
 def _params_private(g: FusionGraph, node) -> bool:
@@ -120,9 +137,17 @@ def _dense_source(g: FusionGraph, x) -> Optional[list]:
 
 
 @torch.no_grad()
-def _index_module(m: nn.Module, index: torch.Tensor, dim: int = 0) -> None:
-    """Index a conv's weight (dim 0: output channels, 1: input channels) and bias, or a
-    BatchNorm's parameters and statistics, by `index` (new tensors: shared ones stay)."""
+def _index_module(g: FusionGraph, node: fx.Node, index: torch.Tensor, dim: int = 0) -> None:
+    """Index the weight (dim 0: output channels, 1: input channels) and bias of the conv
+    `node` calls, or its BatchNorm's parameters and statistics, by `index`, in a copy of the
+    module that takes its place in this graph alone: the module itself may be called from
+    another graph (a sibling traced on its own) that must see it unchanged. Nodes without a
+    module (an activation function) have nothing to index."""
+    if node.op != "call_module":
+        return
+    m = copy.copy(g.modules[node.target])
+    m._parameters, m._buffers = dict(m._parameters), dict(m._buffers)
+    g.replace_module(node.target, m)
     for name, p in list(m._parameters.items()):
         if p is None or (dim == 1 and name != "weight"):
             continue
@@ -150,7 +175,9 @@ def _into_producer(g: FusionGraph, p) -> bool:
         return False
     index = interleave_index(c, groups, inverse)
     for node in chain:
-        _index_module(g.modules[node.target], index)
+        _index_module(g, node, index)
+        if p.meta.get(EAGER_FORMAT):  # (the chain now computes the shuffle's result)
+            node.meta[EAGER_FORMAT] = p.meta[EAGER_FORMAT]
     g.absorb(p, chain[-1])
     g.report.add(_IN_WEIGHTS)
     return True
@@ -169,8 +196,10 @@ def _into_readers(g: FusionGraph, p) -> bool:
         return False
     # conv(P(x)) = Σ_i W[:, i] x[perm[i]]: input channel perm[i] takes column i
     order = torch.argsort(interleave_index(c, groups, inverse))
-    for m in convs:
-        _index_module(m, order, dim=1)
+    for u in readers:
+        _index_module(g, u, order, dim=1)
+        if p.meta.get(EAGER_FORMAT):  # (eager's conv read a contiguous tensor)
+            u.meta[EAGER_FORMAT] = "from_contiguous"
     g.absorb(p, p.args[0])
     g.report.add(_IN_WEIGHTS, len(convs))
     return True
@@ -190,12 +219,15 @@ def _commute_step(g: FusionGraph, p) -> bool:
             return False
         # BN(P(y))[i] = s[i] y[perm[i]] + t[i]: channel j of y takes the parameters of the i
         # with perm[i] = j
-        _index_module(bn, torch.argsort(interleave_index(bn.num_features, groups, inverse)))
+        _index_module(g, step, torch.argsort(
+            interleave_index(bn.num_features, groups, inverse)))
     step.replace_all_uses_with(p)
     step.args = (x,) + tuple(step.args[1:])
     p.args = (step,) + tuple(p.args[1:])
     p.prepend(step)
-    g.report.add(_MOVED)
+    if not step.meta.get("cnnfuse_moved"):  # (a site once, past however many permutations)
+        step.meta["cnnfuse_moved"] = True
+        g.report.add(_MOVED)
     return True
 
 
@@ -220,7 +252,8 @@ def _written_between(g: FusionGraph, first, last, value) -> bool:
 
 
 def _commute_add(g: FusionGraph, p) -> bool:
-    """P(x) + r → P(x + P⁻¹(r)) for x a conv's output that only p reads."""
+    """P(x) + r → P(x + P⁻¹(r)) for x a conv's output that only p reads (r may broadcast:
+    unpermute_residual permutes its channel axis, if it has one)."""
     add = g.sole_user(p) if not p.meta.get("cnnfuse_inverse") else None
     operands = residual_operands(add) if add is not None else None
     x = p.args[0]
@@ -230,19 +263,20 @@ def _commute_add(g: FusionGraph, p) -> bool:
         return False
     r = operands[1] if operands[0] is p else operands[0]
     groups, inverse = p.args[1:3]
+    c = _conv_channels(g, x)
     chain = _dense_source(g, r)
     if _is_perm(r) and tuple(r.args[1:3]) == (groups, inverse) and not _written_between(
             g, r, add, r.args[0]):
         q = r.args[0]  # P⁻¹(P(y)) = y
-    elif chain is not None and list(r.users) == [add] and _channels(g, chain) % groups == 0:
-        order = torch.argsort(interleave_index(_channels(g, chain), groups, inverse))
+    elif chain is not None and list(r.users) == [add] and _channels(g, chain) == c:
+        order = torch.argsort(interleave_index(c, groups, inverse))
         for node in chain:
-            _index_module(g.modules[node.target], order)
+            _index_module(g, node, order)
         g.report.add(_IN_WEIGHTS)
         q = r
     else:
         with g.graph.inserting_before(add):
-            q = g.graph.call_function(interleave_channels, (r, groups, not inverse))
+            q = g.graph.call_function(unpermute_residual, (r, groups, inverse, c))
         q.meta["cnnfuse_inverse"] = True  # (never moved back across the add)
         q.meta["nn_module_stack"] = add.meta.get("nn_module_stack", {})
     with g.graph.inserting_before(add):
@@ -250,11 +284,19 @@ def _commute_add(g: FusionGraph, p) -> bool:
         out = g.graph.call_function(interleave_channels, (total, groups, inverse))
     out.meta["nn_module_stack"] = total.meta["nn_module_stack"] = add.meta.get(
         "nn_module_stack", {})
+    if p.meta.get(EAGER_FORMAT):
+        out.meta[EAGER_FORMAT] = p.meta[EAGER_FORMAT]
     add.replace_all_uses_with(out)
     g.graph.erase_node(add)
     g.graph.erase_node(p)
     g.report.add("residual add moved before a channel permutation")
     return True
+
+
+def _conv_channels(g: FusionGraph, x) -> int:
+    """The channels of x, a conv's output or a BatchNorm of one (as _ends_at_conv found)."""
+    m = g.module(x)
+    return m.num_features if isinstance(m, nn.BatchNorm2d) else m.out_channels
 
 
 def run(g: FusionGraph) -> None:
@@ -265,10 +307,12 @@ def run(g: FusionGraph) -> None:
                 _into_producer, _into_readers, _commute_step, _commute_add)):
             break
     for p in g.graph.nodes:
-        if _is_perm(p):
+        unpermute = p.op == "call_function" and p.target is unpermute_residual
+        if _is_perm(p) or unpermute:
             g.report.add("channel permutation as one copy")
+            inverse = p.args[2] != unpermute  # (unpermute_residual undoes the one it names)
             g.report.skip(_site(g, p), f"the channel interleave of {p.args[1]} groups"
-                          f"{' (inverse)' if p.args[2] else ''} after it runs as one copy: "
+                          f"{' (inverse)' if inverse else ''} after it runs as one copy: "
                           "no dense conv next to it takes it into its weights, and a grouped "
                           "conv's store or load cannot take it")
 

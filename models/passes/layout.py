@@ -5,7 +5,11 @@ channels_last. A `.view` that works on eager's tensor may fail on the fused one,
 backbone's feature maps would come back in another layout. So every tensor a fused op makes
 that the graph returns or that a `.view` reads is put back into eager's layout there, once,
 and all its readers read that (a copy only when the layouts differ; aliasing among the
-readers stays as eager's). Runs last."""
+readers stays as eager's). A channel shuffle spelled view → transpose → contiguous → view
+returns contiguous NCHW in eager whatever its input's layout (channel_permutation marks where
+that result, or a conv reading it, ends up), and so does everything computed from it up to
+the next conv; there the fused tensor is made contiguous, or for that conv (which read an
+NCHW tensor in eager) given the model's own layout. Runs last."""
 import operator
 
 import torch
@@ -37,6 +41,38 @@ def eager_layout(t, like, model_channels_last: bool, only_dense: bool = False):
     if only_dense and not t.is_contiguous(memory_format=other):
         return t
     return t.contiguous(memory_format=fmt)
+
+
+def fixed_layout(t, channels_last: bool):
+    """`t` (a 4-d tensor; anything else as it is) in channels_last or contiguous NCHW: the
+    layout eager gives a value computed from a contiguous channel shuffle."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 4):
+        return t
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+# node.meta key set by channel_permutation: "contiguous" (eager's result is contiguous NCHW)
+# or "from_contiguous" (a conv whose eager input was)
+EAGER_FORMAT = "cnnfuse_eager_format"
+
+
+def _eager_formats(g: FusionGraph, fused: dict) -> dict:
+    """node -> "contiguous" or "model" (the model weights' layout) where eager's layout does
+    not depend on the input's, past a contiguous channel shuffle; up to the next conv
+    (made by cnnfuse), which gives the model's layout, then that conv's readers follow it."""
+    formats = {}
+    for node in g.graph.nodes:
+        mark = node.meta.get(EAGER_FORMAT)
+        inputs = [formats[a] for a in node.all_input_nodes if a in formats]
+        if mark == "contiguous":
+            formats[node] = "contiguous"
+        elif mark == "from_contiguous":
+            formats[node] = "model"
+        elif inputs and fused.get(node) is not None and node.op != "output":
+            kind = node.op == "call_module" and _made_by_cnnfuse(node, g)
+            formats[node] = "model" if kind or "contiguous" not in inputs else "contiguous"
+    return formats
 
 
 def _made_by_cnnfuse(node: fx.Node, g: FusionGraph) -> bool:
@@ -86,9 +122,15 @@ def run(g: FusionGraph) -> None:
                                      and u.args[0] is v)
                 for v in _views_of(node, g, fused) for u in v.users):
             sites.append(node)
+    formats = _eager_formats(g, fused)
     for node in sites:
         with g.graph.inserting_after(node):
-            restored = g.graph.call_function(eager_layout, (node, like, g.model_channels_last))
+            if node in formats:
+                restored = g.graph.call_function(fixed_layout, (
+                    node, formats[node] == "model" and g.model_channels_last))
+            else:
+                restored = g.graph.call_function(eager_layout, (
+                    node, like, g.model_channels_last))
         node.replace_all_uses_with(restored, delete_user_cb=lambda u: u is not restored)
     if sites:
         g.report.add("outputs in the original's layout", len(sites))

@@ -61,8 +61,12 @@ def test_interleave_channels():
             assert torch.equal(interleave_channels(y, g, True), x)
     with pytest.raises(ValueError, match="groups"):
         interleave_channels(x, 5)
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        interleave_channels(x[0], 2)
+    with pytest.raises(ValueError, match=r"\(N, C, \*\)"):
+        interleave_channels(x[0, 0], 2)
+    for shape in ((2, 12, 7), (2, 12, 3, 2, 5)):  # other ranks: as torch.channel_shuffle
+        y = torch.randn(shape)
+        assert torch.equal(interleave_channels(y, 3), torch.channel_shuffle(y, 3))
+        assert torch.equal(interleave_channels(y, 3, True), torch.channel_shuffle(y, 4))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
