@@ -82,3 +82,47 @@ class _IntoInput(nn.Module):
 def test_input_is_not_written():
     torch.manual_seed(0)
     _check(_IntoInput(), torch.randn(1, 4, 5, 7))
+
+
+class _IntegerZeroAdd(nn.Module):
+    """A literal zero added to an integer tensor (a ReLU or pool of one): 0.0 + t is float in
+    eager, t += 0.0 raises there; the conv beside it fuses either way."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.c, self.r, self.p = nn.Conv2d(3, 5, 1), nn.ReLU(), nn.MaxPool2d(1)
+
+    def forward(self, x):
+        y = self.c(x)
+        q = (y * 10).long()
+        if self.form == "relu":
+            return y, self.r(q) + 0.0
+        if self.form == "pool":
+            return y, 0.0 + self.p(q)
+        if self.form == "int_zero":
+            return y, self.r(q) + 0
+        q += 0.0
+        return y, q
+
+
+@pytest.mark.parametrize("form", ["relu", "pool", "int_zero", "in_place"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_zero_keeps_integer_promotion(form, layout):
+    torch.manual_seed(2)
+    model = _IntegerZeroAdd(form).eval()
+    x = torch.randn(2, 3, 7, 5).contiguous(memory_format=layout)
+    fused = cnnfuse.fuse(model)
+    with torch.no_grad():
+        if form == "in_place":
+            with pytest.raises(RuntimeError, match="can't be cast"):
+                model(x)
+            with pytest.raises(RuntimeError, match="can't be cast"):
+                fused(x)
+            return
+        (y_same, same), (y_got, got) = model(x), fused(x)
+        y_want = copy.deepcopy(model).double()(x.double())[0]
+    assert_within_torch_error(y_got, y_same, y_want)
+    assert got.dtype == same.dtype == (torch.int64 if form == "int_zero" else torch.float32)
+    assert torch.equal(got, same)
