@@ -199,6 +199,11 @@ def test_ceil_opcheck():
     args = (x, "avg", [3, 3], [3, 3], pads, weight, bias, "none", r)
     torch.library.opcheck(torch.ops.cnnfuse.pool_conv2d.default, args)
     assert torch.ops.cnnfuse.pool_conv2d(*args).shape == out_shape(case)
+    # the public op takes the schema's form too, as ceil mode
+    assert torch.equal(ops.pool_conv2d(x, weight, bias, mode="avg", kernel_size=3, stride=3,
+                                       padding=pads, residual=r),
+                       ops.pool_conv2d(x, weight, bias, mode="avg", kernel_size=3, stride=3,
+                                       padding=1, ceil_mode=True, residual=r))
 
 
 @pytest.mark.parametrize("bad, error, match", [
