@@ -1,7 +1,8 @@
 """Attention product: `(1 + m) * t` (Residual Attention's (1 + M) · T, any `(m + 1) * t` or
-`t * (1 + m)` whose sum nothing else reads) becomes one `one_plus_gate` call, t + m · t in
-one pass: eager materialises 1 + m first and reads it back. No conv epilogue multiplies by a
-tensor, so the pass is its own; explain lists it."""
+`t * (1 + m)` whose sum nothing else reads) becomes one `one_plus_gate` call: eager's
+arithmetic, the product written into the sum's buffer instead of a second temporary. No conv
+epilogue multiplies by a tensor, so the product runs as its own elementwise ops; explain
+lists it."""
 import numbers
 import operator
 
@@ -11,6 +12,10 @@ from torch import fx
 from ..graph import FusionGraph
 from ..modules.gate import one_plus_gate
 from ..patterns import mul_operands
+
+# (the count's name as explain has always shown it; the product now takes eager's two
+# elementwise ops, into one buffer)
+KEY = "(1 + mask) * trunk in one pass"
 
 
 def _one_plus(node) -> fx.Node:
@@ -48,6 +53,7 @@ def run(g: FusionGraph) -> None:
         g.graph.erase_node(node)
         g.graph.erase_node(s)
         g.reshape_not_view(gated)
-        g.report.add("(1 + mask) * trunk in one pass")
+        g.report.add(KEY)
         g.report.skip(g.node_site(gated), "(1 + mask) * trunk runs as one elementwise "
-                      "pass (t + m * t), not in a conv: no epilogue multiplies by a tensor")
+                      "pass for 1 + m and one for the product into its buffer, not in a "
+                      "conv: no epilogue multiplies by a tensor")

@@ -1,4 +1,4 @@
-"""The attention product (1 + M) * T in one pass (torch.addcmul(T, M, T)), in each spelling,
+"""The attention product (1 + M) * T as one call with eager's rounding, in each spelling,
 against the unfused block in float64; a sum read elsewhere, or written in between, stays."""
 import copy
 
@@ -92,3 +92,45 @@ def test_one_plus_gate_falls_back():
     x = torch.randn(2, 3, 4, 5)
     g = torch.rand(2, 3, 1, 1)  # broadcast as the product is
     assert torch.allclose(one_plus_gate(x, g), (1 + g) * x, rtol=1e-6, atol=1e-7)
+
+
+class _InfTrunk(nn.Module):
+    """A trunk that overflows to ±inf and a mask in (-1, 0] (a sigmoid's 0, a tanh's -0.5):
+    eager gives ±inf, never NaN."""
+
+    def __init__(self, mask: str):
+        super().__init__()
+        self.mask, self.c = mask, nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        t = self.bn(self.c(x)) * 1e38 * 1e38
+        y = self.c(x)
+        m = torch.sigmoid(y * 0 - 200) if self.mask == "zero" else torch.tanh(y * 0 - 0.55)
+        return (1 + m) * t
+
+
+@pytest.mark.parametrize("mask", ["zero", "negative"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_product_is_eager_bit_for_bit(mask, layout):
+    torch.manual_seed(3)
+    model = randomize_batchnorm(_InfTrunk(mask)).eval()
+    x = torch.randn(2, 3, 5, 7).contiguous(memory_format=layout)
+    with torch.no_grad():
+        same, got = model(x), cnnfuse.fuse(model)(x)
+    assert cnnfuse.explain(model).fused[KEY] == 1
+    assert not got.isnan().any() and got.isinf().all()
+    assert torch.equal(got, same)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_plus_gate_rounds_as_eager(dtype):
+    """(1 + m) rounded, then the product: not t + m·t; a broadcast mask as written."""
+    torch.manual_seed(4)
+    t = torch.randn(3, 5, 7, 9).to(dtype)
+    m = (torch.rand(3, 5, 7, 9) * 1e-3).to(dtype)
+    assert torch.equal(one_plus_gate(t, m), (1 + m) * t)
+    small = torch.rand(3, 5, 1, 1).to(dtype)
+    assert torch.equal(one_plus_gate(t, small), (1 + small) * t)
+    assert torch.equal(one_plus_gate(t[:, :, :1], m), (1 + m) * t[:, :, :1])
