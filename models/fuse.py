@@ -15,6 +15,7 @@ the weight they compute (`reparam`).
 import functools
 import inspect
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -176,16 +177,44 @@ def _has_conv(module: nn.Module) -> bool:
 
 def _calls_conv2d(module: nn.Module) -> bool:
     """Whether the module's own forward (a class outside torch.nn) traces to an F.conv2d
-    call; a forward FX cannot trace is taken as not calling it."""
+    call; for a forward FX cannot trace (or one with defaulted arguments, not traced),
+    whether its source calls conv2d (_mentions_conv2d)."""
     if type(module).__module__.startswith("torch.") or isinstance(
-            module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or _defaulted_arguments(
-                module):
+            module, (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv2d)):
         return False
+    if _defaulted_arguments(module):
+        return _mentions_conv2d(module)
     try:
         graph = _Tracer().trace(module)
     except Exception:  # FX raises many types for data-dependent Python
-        return False
+        return _mentions_conv2d(module)
     return any(functional_conv.conv_args(node) is not None for node in graph.nodes)
+
+
+_CONV2D_CALL = re.compile(r"(?<![\w.])(?:(?:torch\.nn\.)?functional|F|torch)\.conv2d\s*\("
+                          r"|(?<![\w.])conv2d\s*\(")
+
+
+def _untraced_conv(module: nn.Module, report: FusionReport, prefix: str) -> None:
+    """A module not traced whose own forward calls conv2d: a conv site (one, however many
+    calls its source has) that runs eager, listed."""
+    if _calls_conv2d(module):
+        report.conv_sites += 1
+        report.skip(prefix.rstrip(".") or "<model>", "calls conv2d in a forward that is not "
+                    "traced (see untraceable): runs eager")
+
+
+def _mentions_conv2d(module: nn.Module) -> bool:
+    """Whether the source of the module's forward calls conv2d (F.conv2d, torch.conv2d, an
+    imported conv2d; not a child named conv2d); without source, whether it holds a 4-d
+    parameter of its own named as a weight. The evidence for a conv where no trace shows
+    one."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return any(p.dim() == 4 and name.endswith("weight")
+                   for name, p in module.named_parameters(recurse=False))
+    return bool(_CONV2D_CALL.search(source))
 
 
 def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Module:
@@ -212,6 +241,7 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
         report.untraceable.append((prefix.rstrip("."), (
             f"forward has defaulted arguments ({', '.join(defaulted)}): a trace would fix one "
             "way of calling it; its children are fused one by one")[:160]))
+        _untraced_conv(module, report, prefix)
         _fuse_children(module, report, prefix)
         return _edged(module)
     try:
@@ -219,6 +249,7 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
     except Exception as exc:  # FX raises many types for data-dependent Python
         report.untraceable.append((prefix.rstrip("."), f"{type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160]))
+        _untraced_conv(module, report, prefix)
         _fuse_children(module, report, prefix)
         return _edged(module)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)

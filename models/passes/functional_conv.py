@@ -89,7 +89,8 @@ def run(g: FusionGraph) -> None:
         if args is None:
             continue
         site = _owner(g, args["weight"]) or None  # (a parameter of the traced root: no site)
-        if not _from_weight_of_conv(g, site):
+        of_conv = _from_weight_of_conv(g, site)
+        if not of_conv:
             g.report.conv_sites += 1  # a conv that no Conv2d module counted
         where = g.prefix + site if site is not None else f"{g.prefix}{node.name}"
         try:
@@ -123,9 +124,11 @@ def run(g: FusionGraph) -> None:
                        + _ancestors(args["weight"]) + _ancestors(args["bias"]))
         # In the Conv2d's own place when its forward was inlined and nothing else reads its
         # parameters (explain then names its path), else beside it.
-        if not (_from_weight_of_conv(g, site) and site not in g.calls and site not in taken
+        if not (of_conv and site not in g.calls and site not in taken
                 and not any(n.op == "get_attr" and n.target.startswith(site + ".")
                             for n in g.graph.nodes)):
+            if of_conv:  # (a conv of its own beside the Conv2d's, which counted only one)
+                g.report.conv_sites += 1
             name = (site.replace(".", "_") if site else node.name) + "_functional_conv"
             while name in g.modules:
                 name += "_"

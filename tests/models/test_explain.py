@@ -153,3 +153,83 @@ def test_eager_elementwise_ops_are_listed():
     assert sum("add of two tensors runs eager" in r for r in reasons) == 1, reasons
     assert sum("product of two tensors runs eager" in r for r in reasons) == 1, reasons
     assert sum("bilinear up-sampling runs eager" in r for r in reasons) == 1, reasons
+
+
+def _same_in_both_layouts(model, x):
+    """The fused model against the float64 original, NCHW and channels_last input."""
+    import copy
+    model = randomize_batchnorm(model).eval()
+    fused = cnnfuse.fuse(model)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = fused(x.contiguous(memory_format=layout))
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class _ConvAndItsWeight(nn.Module):
+    """A Conv2d called, and F.conv2d on its weight beside it: two conv sites."""
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x) + F.conv2d(x, self.c.weight, padding=1)
+
+
+def test_functional_conv_beside_its_conv2d_is_a_site_of_its_own():
+    report = explain(_ConvAndItsWeight())
+    assert report.conv_sites == report.conv_fused == 2, str(report)
+    assert report.coverage == 1.0
+    _same_in_both_layouts(_ConvAndItsWeight(), torch.randn(2, 3, 7, 5))
+
+
+class _UntracedOwnConv(nn.Module):
+    """F.conv2d on its own weight in a forward FX cannot trace (an `if` on data)."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return F.conv2d(x, self.w, padding=1)
+        return x
+
+
+class _WithUntraced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = _UntracedOwnConv(), _OwnConvFrom3(), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.c(x)
+
+
+class _OwnConvFrom3(_OwnConv):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+
+class _ChildNamedConv2d(nn.Module):
+    """Untraceable, its only conv a child called `conv2d`: one site, not two."""
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return self.conv2d(x)
+        return x
+
+
+def test_conv_in_an_untraced_forward_is_a_site_listed():
+    report = explain(_UntracedOwnConv())
+    assert (report.conv_sites, report.conv_fused) == (1, 0), str(report)
+    assert any("not traced" in r for _, r in report.unfused), str(report)
+    report = explain(_WithUntraced())
+    assert (report.conv_sites, report.conv_fused) == (3, 2), str(report)
+    assert [s for s, r in report.unfused if "not traced" in r] == ["a"], str(report)
+    _same_in_both_layouts(_WithUntraced(), torch.randn(2, 3, 7, 5))
+    report = explain(_ChildNamedConv2d())
+    assert (report.conv_sites, report.conv_fused) == (1, 1), str(report)
