@@ -35,7 +35,9 @@ from .conv_bn_act import bn_epilogue, unsupported
 _SHUFFLE_FUNCTIONS = tuple(f for f in (getattr(torch, "channel_shuffle", None),
                                        getattr(F, "channel_shuffle", None),
                                        getattr(torch, "native_channel_shuffle", None)) if f)
-_MOVED = "batchnorm / activation moved before a channel permutation"
+# (sites: a BatchNorm or activation counts once however many permutations it moves past)
+MOVED = {"bn": "batchnorms moved before a channel permutation",
+         "act": "activations moved before a channel permutation"}
 _IN_WEIGHTS = "channel permutation in conv weights"
 # eager's view → transpose → contiguous → view returns contiguous NCHW whatever the input's
 # layout (F.channel_shuffle keeps it): passes/layout restores that at the outputs
@@ -227,7 +229,7 @@ def _commute_step(g: FusionGraph, p) -> bool:
     p.prepend(step)
     if not step.meta.get("cnnfuse_moved"):  # (a site once, past however many permutations)
         step.meta["cnnfuse_moved"] = True
-        g.report.add(_MOVED)
+        g.report.add(MOVED[kind])
     return True
 
 

@@ -82,6 +82,10 @@ def test_igc_block_folds_everything(stride, monkeypatch):
     assert report.activations_absorbed == report.activation_sites == 2, str(report)
     assert report.fused["residual add"] == 1, str(report)
     assert report.fused["channel permutation as one copy"] == 4, str(report)
+    # bn1 and its ReLU past igc1's last interleave, bn2 past igc2's, the last ReLU past the
+    # permutation after the add
+    assert report.fused["batchnorms moved before a channel permutation"] == 2, str(report)
+    assert report.fused["activations moved before a channel permutation"] == 2, str(report)
     listed = [site for site, reason in report.unfused if "interleave" in reason]
     assert sorted(listed) == ["igc1.primary", "igc1.secondary", "igc2.primary",
                               "igc2.secondary"], str(report)
@@ -98,6 +102,10 @@ def test_igc_network_identity_blocks_cancel(monkeypatch):
     assert report.activations_absorbed == report.activation_sites == 17, str(report)
     inverse = [s for s, r in report.unfused if "(inverse)" in r]
     assert inverse == ["stem.3"], str(report)
+    # sites, not moves: each BatchNorm / activation once, past however many permutations
+    assert report.fused["batchnorms moved before a channel permutation"] <= report.batchnorms
+    assert report.fused["activations moved before a channel permutation"] <= (
+        report.activation_sites)
 
 
 class _Shuffled(nn.Module):
@@ -195,7 +203,8 @@ def test_nothing_moves_past_other_readers(monkeypatch):
     torch.manual_seed(0)
     report, code = _check(_Shared(), torch.randn(1, 6, 5, 7), monkeypatch)
     assert code.count("interleave_channels(") == 2, code
-    assert report.fused["batchnorm / activation moved before a channel permutation"] == 0
+    assert report.fused["batchnorms moved before a channel permutation"] == 0
+    assert report.fused["activations moved before a channel permutation"] == 0
     assert report.activations_absorbed == 0, str(report)
 
 
