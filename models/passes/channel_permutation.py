@@ -12,7 +12,12 @@ one `interleave_channels` call, then, until nothing changes:
 - a residual add of the permutation of a conv's output, P(z) + r, becomes P(z + P⁻¹(r)):
   the add (and the activation after it) lands in the conv's epilogue; P⁻¹(r) is r's source
   when r is itself P of it, r itself when r is a dense conv's output (its rows permuted),
-  else a copy, which replaces the copy of z and saves the add's and activation's passes.
+  else a copy (r itself where it broadcasts over channels), which replaces the copy of z
+  and saves the add's and activation's passes.
+
+A module is indexed only where its weight is a plain parameter (not a parametrisation's
+output), and as a copy that replaces it in this graph alone (a conv shared with a module
+traced on its own stays as it was there).
 
 What is left (a grouped conv's output read by a grouped conv, IGC's P) runs as one copy, and
 explain lists it. Runs before conv_bn_act, which then folds what moved next to a conv.
@@ -266,6 +271,8 @@ def _commute_add(g: FusionGraph, p) -> bool:
     r = operands[1] if operands[0] is p else operands[0]
     groups, inverse = p.args[1:3]
     c = _conv_channels(g, x)
+    if c % groups:
+        return False
     chain = _dense_source(g, r)
     if _is_perm(r) and tuple(r.args[1:3]) == (groups, inverse) and not _written_between(
             g, r, add, r.args[0]):
