@@ -76,12 +76,9 @@ class FusedPoolConv2d(nn.Module):
         if (self.has_residual != (residual is not None) or conv.weight.dtype != x.dtype
                 or (residual is not None and not _fits(residual, x, self))):
             return None
-        pads = self.padding
-        if pads[1] != pads[0] or pads[3] != pads[2]:  # a ceil-mode overhang
-            if _eager._cpu_fp32(x):  # that plan pools in floor mode: the op's reference
-                return None
         return _eager.plan_pool_conv2d(x, conv.weight, conv.bias, self.mode, self.pool_kernel,
-                                       self.pool_stride, pads, conv.activation, residual, out)
+                                       self.pool_stride, self.padding, conv.activation,
+                                       residual, out)
 
     def extra_repr(self) -> str:
         return (f"{self.mode} pool {self.pool_kernel}, stride={self.pool_stride}, "

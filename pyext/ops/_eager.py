@@ -343,11 +343,13 @@ def plan_separable(x, dw_weight, dw_bias, weight, bias, dw_stride, dw_padding, d
 
 class CpuPoolConv:
     """fp32 on the CPU: PyTorch's pool, then its 1x1 conv with the bias inside."""
-    __slots__ = ("mode", "kernel", "stride", "pad_hw", "activation")
+    __slots__ = ("mode", "kernel", "stride", "pad_hw", "ceil_mode", "activation")
 
     def __init__(self, mode, kernel, stride, pads, activation):
+        from ..ref.pool_conv2d import torch_padding
         self.mode, self.kernel, self.stride = mode, tuple(kernel), tuple(stride)
-        self.pad_hw, self.activation = (pads[2], pads[0]), activation
+        self.pad_hw, self.ceil_mode = torch_padding(self.kernel, self.stride, pads)
+        self.activation = activation
 
     def __call__(self, x, weight, bias, residual=None, dest=None):
         ran("pool_conv2d", "reference")
@@ -355,9 +357,9 @@ class CpuPoolConv:
 
     def compute(self, x, weight, bias, residual=None, dest=None):
         if self.mode == "max":
-            p = F.max_pool2d(x, self.kernel, self.stride, self.pad_hw)
+            p = F.max_pool2d(x, self.kernel, self.stride, self.pad_hw, ceil_mode=self.ceil_mode)
         else:
-            p = F.avg_pool2d(x, self.kernel, self.stride, self.pad_hw,
+            p = F.avg_pool2d(x, self.kernel, self.stride, self.pad_hw, ceil_mode=self.ceil_mode,
                              count_include_pad=self.mode == "avg")
         y = F.conv2d(p, weight, bias)
         if residual is not None:

@@ -134,11 +134,6 @@ def _(x, pool_mode, kernel_size, stride, padding, weight, *rest, out_shape=None,
 
 # ---------------------------------------------------------------------------------------------
 
-def _overhangs(padding) -> bool:
-    """Whether a (left, right, top, bottom) padding has a ceil-mode window's overhang."""
-    return padding[1] != padding[0] or padding[3] != padding[2]
-
-
 def _two_ops(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
     """PyTorch's pool, then the 1x1 conv on its own fastest backend."""
     from .conv2d import conv2d
@@ -149,8 +144,8 @@ def _two_ops(x, mode, kernel_size, stride, padding, weight, bias, activation, re
 
 
 def _reference(x, mode, kernel_size, stride, padding, weight, bias, activation, residual, dest):
-    # as the eager plan computes it, where that plan pools in PyTorch's floor mode
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not _overhangs(padding):
+    # as the eager plan computes it
+    if x.device.type == "cpu" and x.dtype == torch.float32:
         from ._eager import CpuPoolConv
         return CpuPoolConv(mode, kernel_size, stride, padding, activation).compute(
             x, weight, bias, residual, dest)
