@@ -15,7 +15,7 @@ from ..patterns import mul_operands
 
 # (the count's name as explain has always shown it; the product now takes eager's two
 # elementwise ops, into one buffer)
-KEY = "(1 + mask) * trunk in one pass"
+KEY = "(1 + mask) * trunk into one buffer"
 
 
 def _one_plus(node) -> fx.Node:

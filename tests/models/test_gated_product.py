@@ -9,10 +9,9 @@ from torch import nn
 import cnnfuse
 from cnnfuse.models.architectures.residual_attention import AttentionModule
 from cnnfuse.models.modules.gate import one_plus_gate
+from cnnfuse.models.passes.gated_product import KEY
 
 from ..util import assert_within_torch_error, randomize_batchnorm, relative_error
-
-KEY = "(1 + mask) * trunk in one pass"
 
 
 class _Gate(nn.Module):

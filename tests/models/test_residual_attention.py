@@ -101,7 +101,7 @@ def test_fuse(make, batchnorms):
     assert report.activations_absorbed == report.activation_sites, str(report)
     assert report.coverage == 1.0, str(report)
     assert report.fused["activation sigmoid"] == modules
-    assert report.fused["(1 + mask) * trunk in one pass"] == modules, str(report)
+    assert report.fused["(1 + mask) * trunk into one buffer"] == modules, str(report)
     reasons = [r for _, r in report.unfused]
     depths = [len(m.down) for m in make().modules() if isinstance(m, AttentionModule)]
     assert sum("up-sampling runs eager" in r for r in reasons) == sum(depths), str(report)
