@@ -55,12 +55,14 @@ def descriptors_supported() -> bool:
 
 def tma_allowed(device: torch.device) -> bool:
     """Descriptors for launches on `device`: a Triton that has them, a GPU with the tensor
-    memory accelerator (compute capability 9.0 or later) or the CPU interpreter, and
+    memory accelerator (NVIDIA, compute capability 9.0 or later) or the CPU interpreter, and
     CNNFUSE_TMA not set to 0."""
     if os.environ.get("CNNFUSE_TMA", "1") == "0" or not descriptors_supported():
         return False
     if device.type != "cuda":
         return True
+    if torch.version.hip is not None:  # ROCm reports its own capabilities: no Hopper TMA
+        return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 

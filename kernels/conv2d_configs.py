@@ -315,6 +315,8 @@ def weight_tma_fits(p: Conv2dProblem, cfg: Conv2dConfig, element_size: int) -> b
     taps = 1 if p.window is not None else p.r * p.s
     if ws[1] != 1 and p.c // p.groups > 1:
         return False
+    if 0 in ws:  # an expanded weight: a descriptor's strides must be real strides
+        return False
     if taps > 1 and (ws[2] != p.s * ws[3] or ws[3] * element_size % 16):
         return False
     return ws[0] * element_size % 16 == 0
@@ -334,8 +336,9 @@ def activation_tma_fits(p: Conv2dProblem, cfg: Conv2dConfig, element_size: int) 
         return False
     xs = (p.h * p.w * p.c, 1, p.w * p.c, p.c) if p.x_strides is None else tuple(p.x_strides)
     rows_uniform = xs[0] == p.h * xs[2] and xs[2] == p.w * xs[3]
+    # an empty batch has no box; an expanded x no real strides
     return (xs[1] == 1 or p.c == 1) and rows_uniform and xs[3] * element_size % 16 == 0 \
-        and p.n * p.h * p.w < 2 ** 31
+        and 0 < p.n * p.h * p.w < 2 ** 31 and 0 not in xs
 
 
 def _tma_twin(p: Conv2dProblem, cfg: Conv2dConfig, size: int):

@@ -174,6 +174,27 @@ def test_activation_descriptor_only_where_x_is_a_box(took):
     assert took.x == [False] * 5 and took == [True] * 5  # the weight by descriptor still
 
 
+@needs_triton
+def test_empty_batches_and_expanded_operands_take_the_pointer_path(took):
+    """A descriptor needs a box and real strides: an empty batch and expanded (stride-0)
+    operands stay on pointers and still compute what PyTorch does."""
+    w = torch.randn(16, 16, 1, 1).half().contiguous(memory_format=torch.channels_last)
+    x = torch.randn(0, 16, 4, 4).half().contiguous(memory_format=torch.channels_last)
+    y = torch.empty(0, 16, 4, 4).half().contiguous(memory_format=torch.channels_last)
+    K.conv2d(x, w, None, None, y, (1, 1), (0, 0, 0, 0), (1, 1), 0, tma(16, 16, 16, x=True),
+             False)
+    assert took.x == [False]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 16, 1, 1, generator=g).half().expand(2, 16, 5, 5)
+    w = torch.randn(1, 16, 3, 3, generator=g).half().expand(16, 16, 3, 3)
+    y = torch.full((2, 16, 5, 5), float("nan")).half().contiguous(
+        memory_format=torch.channels_last)
+    K.conv2d(x, w, None, None, y, (1, 1), (1, 1, 1, 1), (1, 1), 0, tma(16, 16, 16), False)
+    ref64 = F.conv2d(x.double(), w.double(), None, 1, 1)
+    assert_within_torch_error(y, F.conv2d(x.float(), w.float(), None, 1, 1).half(), ref64)
+    assert took[-1] is False
+
+
 # ------------------------------------------------------------------ the pointer path
 
 @needs_triton
