@@ -243,7 +243,7 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
             "way of calling it; its children are fused one by one")[:160]))
         _untraced_conv(module, report, prefix)
         _fuse_children(module, report, prefix)
-        return _edged(module)
+        return module
     try:
         graph = _Tracer().trace(module)
     except Exception as exc:  # FX raises many types for data-dependent Python
@@ -251,7 +251,7 @@ def _fuse_module(module: nn.Module, report: FusionReport, prefix: str) -> nn.Mod
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160]))
         _untraced_conv(module, report, prefix)
         _fuse_children(module, report, prefix)
-        return _edged(module)
+        return module
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     fg = FusionGraph(gm, report, prefix)
     fg.model_channels_last = _channels_last_weights(module)
@@ -290,15 +290,6 @@ def _fuse_children(module: nn.Module, report: FusionReport, prefix: str,
     for name, child in list(module.named_children()):
         fused = _fuse_module(child, report, f"{prefix}{name}.")
         setattr(module, name, _edge(fused, cl) if edges else fused)
-
-
-def _edged(module: nn.Module) -> nn.Module:
-    """A module whose own forward runs eager code between children that each return eager's
-    layout: it returns eager's layout too (a hook guessing it from the input would undo
-    what a child restored, say a contiguous channel shuffle's result for a channels_last
-    input)."""
-    module._cnnfuse_layout_hook = True
-    return module
 
 
 def _edge(module: nn.Module, model_channels_last: bool) -> nn.Module:

@@ -13,6 +13,7 @@ NCHW tensor in eager) given the model's own layout. Runs last."""
 import operator
 
 import torch
+from torch._prims_common import suggest_memory_format
 from torch import fx
 
 from ..graph import FusionGraph
@@ -22,7 +23,8 @@ from ..patterns import may_alias_input
 def eager_layout(t, like, model_channels_last: bool, only_dense: bool = False):
     """`t` in the layout eager PyTorch gives a conv output for input `like`: channels_last
     when the model's weights or `like` are channels_last, else contiguous. Anything that is
-    not a 4-d tensor, or an input of neither layout, is returned as it is; with only_dense
+    not a 4-d tensor is returned as it is; for an input of neither layout, the format its
+    strides' order suggests (as PyTorch's conv chooses); with only_dense
     (where the producer is not known), so is anything but a dense tensor of the other
     layout (a view of the input, say, stays the view it is in eager)."""
     if not (isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(like, torch.Tensor)
@@ -34,7 +36,9 @@ def eager_layout(t, like, model_channels_last: bool, only_dense: bool = False):
     elif like.is_contiguous():
         fmt = torch.contiguous_format
     else:
-        return t
+        # a view of neither layout (a channel chunk): the format PyTorch's conv suggests
+        # for it from its strides' order
+        fmt = suggest_memory_format(like)
     if t.is_contiguous(memory_format=fmt):
         return t
     other = (torch.contiguous_format if fmt == torch.channels_last else torch.channels_last)
