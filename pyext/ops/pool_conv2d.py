@@ -127,7 +127,8 @@ def _(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, resi
 
 
 @register_flop_formula([torch.ops.cnnfuse.pool_conv2d, torch.ops.cnnfuse.pool_conv2d_into])
-def _(x, pool_mode, kernel_size, stride, padding, weight, *rest, out_shape=None, **kwargs):
+def pool_conv2d_flops(x, pool_mode, kernel_size, stride, padding, weight, *rest, out_shape=None,
+                      **kwargs):
     oh, ow = output_hw(x[2], x[3], kernel_size, stride, padding, (1, 1))
     return conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1))
 

@@ -101,8 +101,8 @@ def _(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, 
 
 @register_flop_formula([torch.ops.cnnfuse.separable_conv2d,
                         torch.ops.cnnfuse.separable_conv2d_into])
-def _(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight, *rest,
-      out_shape=None, **kwargs):
+def separable_flops(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation,
+                    weight, *rest, out_shape=None, **kwargs):
     oh, ow = output_hw(x[2], x[3], dw_weight[2:], dw_stride, dw_padding, dw_dilation)
     return (conv_flops(x, dw_weight, dw_stride, dw_padding, dw_dilation)
             + conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1)))

@@ -18,6 +18,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import ref
 from ..kernels.conv2d_configs import Conv2dProblem, Window
+from .pool_conv2d import pool_conv2d_flops
+from .separable_conv2d import separable_flops
 from .triton_conv2d import batch_bound, config_of, launch, launching, runs_kernel
 
 
@@ -46,16 +48,21 @@ def _problem(x, weight, bias, residual, y, activation, window, allow_tf32) -> Co
                          allow_tf32=allow_tf32, out_size=tuple(y.shape[2:]))
 
 
-def _empty(x, k, oh, ow):
-    return torch.empty((x.shape[0], k, oh, ow), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
+def _destination(x, shape, out, out_channel_offset):
+    """Where the op writes its (N, K, OH, OW) result: channels [offset, + K) of out (checked),
+    or a new channels_last tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+    from . import _check
+    _check.out_slice(out, x, shape, out_channel_offset)
+    return out.narrow(1, out_channel_offset, shape[1])
 
 
 # ------------------------------------------------------------------- separable conv
 
 def _separable(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight,
                bias, activation, residual, config, allow_tf32, out, out_channel_offset):
-    from . import _check
     from .conv2d import output_hw
     from .separable_conv2d import check_args
     if _concrete(x):  # (a trace may make the channel count symbolic, which the checks refuse)
@@ -65,11 +72,7 @@ def _separable(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_act
              *output_hw(x.shape[2], x.shape[3], dw_weight.shape[2:], dw_stride, dw_padding,
                         dw_dilation))
     cfg = config_of(config)
-    if out is not None:
-        _check.out_slice(out, x, shape, out_channel_offset)
-        y = out.narrow(1, out_channel_offset, shape[1])
-    else:
-        y = _empty(x, *shape[1:])
+    y = _destination(x, shape, out, out_channel_offset)
     if not runs_kernel(x):  # cnnfuse::separable_conv2d's CPU implementation, bit for bit
         from .separable_conv2d import _reference
         return _reference(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation,
@@ -118,22 +121,17 @@ def separable_conv2d_triton_into(x: torch.Tensor, dw_weight: torch.Tensor,
 
 def _pool(x, pool_mode, kernel_size, stride, padding, weight, bias, activation, residual,
           config, allow_tf32, out, out_channel_offset):
-    from . import _check
     from .pool_conv2d import check_args
     if len(padding) != 4:
         raise ValueError(f"padding must be (left, right, top, bottom), got {list(padding)!r}")
     from .conv2d import output_hw
     if _concrete(x):
-        check_args(x, weight, bias, pool_mode, kernel_size, stride, (padding[2], padding[0]),
-                   activation, residual)
+        check_args(x, weight, bias, pool_mode, kernel_size, stride, padding, activation,
+                   residual)
     shape = (x.shape[0], weight.shape[0],
              *output_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, (1, 1)))
     cfg = config_of(config)
-    if out is not None:
-        _check.out_slice(out, x, shape, out_channel_offset)
-        y = out.narrow(1, out_channel_offset, shape[1])
-    else:
-        y = _empty(x, *shape[1:])
+    y = _destination(x, shape, out, out_channel_offset)
     if not runs_kernel(x):  # cnnfuse::pool_conv2d's CPU implementation, bit for bit
         from .pool_conv2d import _reference
         return _reference(x, pool_mode, kernel_size, stride, padding, weight, bias, activation,
@@ -172,22 +170,12 @@ def pool_conv2d_triton_into(x: torch.Tensor, pool_mode: str, kernel_size: list[i
           config, allow_tf32, out, out_channel_offset)
 
 
-@register_flop_formula([torch.ops.cnnfuse.separable_conv2d_triton,
-                        torch.ops.cnnfuse.separable_conv2d_triton_into])
-def _(x, dw_weight, dw_bias, dw_stride, dw_padding, dw_dilation, dw_activation, weight, *rest,
-      out_shape=None, **kwargs):
-    from .conv2d import conv_flops, output_hw
-    oh, ow = output_hw(x[2], x[3], dw_weight[2:], dw_stride, dw_padding, dw_dilation)
-    return (conv_flops(x, dw_weight, dw_stride, dw_padding, dw_dilation)
-            + conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1)))
-
-
-@register_flop_formula([torch.ops.cnnfuse.pool_conv2d_triton,
-                        torch.ops.cnnfuse.pool_conv2d_triton_into])
-def _(x, pool_mode, kernel_size, stride, padding, weight, *rest, out_shape=None, **kwargs):
-    from .conv2d import conv_flops, output_hw
-    oh, ow = output_hw(x[2], x[3], kernel_size, stride, padding, (1, 1))
-    return conv_flops((x[0], x[1], oh, ow), weight, (1, 1), (0, 0, 0, 0), (1, 1))
+# FLOPs as for the ops they stand for (their formulas, already taking shapes: raw)
+register_flop_formula([torch.ops.cnnfuse.separable_conv2d_triton,
+                       torch.ops.cnnfuse.separable_conv2d_triton_into],
+                      get_raw=True)(separable_flops)
+register_flop_formula([torch.ops.cnnfuse.pool_conv2d_triton,
+                       torch.ops.cnnfuse.pool_conv2d_triton_into], get_raw=True)(pool_conv2d_flops)
 
 
 # cnnfuse op -> the triton op cnnfuse.export writes for it
