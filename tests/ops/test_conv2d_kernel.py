@@ -87,7 +87,13 @@ def test_split_k_with_prologue(dtype):
     y, x, w, b, r, _ = launch(case, dtype, Conv2dConfig(16, 16, 16, 4, 1, split_k=3),
                               prologue=(scale, affine))
 
-    def pre(t, dt):  # BatchNorm + ReLU, then the scale, each rounded to x's dtype
+    check_prologue(case, dtype, y, x, w, b, r, scale, affine)
+
+
+def check_prologue(case, dtype, y, x, w, b, r, scale, affine):
+    """y against PyTorch's conv of x after the prologue: BatchNorm (affine rows) + ReLU, then
+    the scale, each rounded to x's dtype; the fp64 reference without rounding."""
+    def pre(t, dt):
         v = F.relu(t.to(dt) * affine[0].to(dt).view(1, -1, 1, 1)
                    + affine[1].to(dt).view(1, -1, 1, 1))
         v = v.to(t.dtype) if dt != torch.float64 else v

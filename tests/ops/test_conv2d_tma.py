@@ -17,7 +17,7 @@ from cnnfuse.ref import activation_code
 
 from ..util import assert_within_torch_error, needs_triton
 from .test_conv2d import Case, torch_conv
-from .test_conv2d_kernel import check, launch
+from .test_conv2d_kernel import check, check_prologue, launch
 
 
 class Launches(list):
@@ -98,16 +98,7 @@ def test_weight_descriptor_with_prologue(took):
                           torch.rand(case.c, generator=g) - 0.5])
     y, x, w, b, r, _ = launch(case, torch.float16, tma(16, 16, 16, split=3),
                               prologue=(scale, affine))
-
-    def pre(t, dt):
-        v = F.relu(t.to(dt) * affine[0].to(dt).view(1, -1, 1, 1)
-                   + affine[1].to(dt).view(1, -1, 1, 1))
-        v = v.to(t.dtype) if dt != torch.float64 else v
-        v = v * scale.to(v.dtype)[:, :, None, None]
-        return v.to(t.dtype) if dt != torch.float64 else v
-    ref64 = torch_conv(case, pre(x, torch.float64), w, b, r, "relu", torch.float64)
-    assert_within_torch_error(y, torch_conv(case, pre(x, torch.float32), w, b, r, "relu",
-                                            torch.float16), ref64)
+    check_prologue(case, torch.float16, y, x, w, b, r, scale, affine)
     assert took == [True]
 
 
@@ -174,28 +165,18 @@ def test_activation_descriptor_only_where_x_is_a_box(took):
     assert took.x == [False] * 5 and took == [True] * 5  # the weight by descriptor still
 
 
-@needs_triton
-def test_empty_batches_and_expanded_operands_take_the_pointer_path(took):
-    """A descriptor needs a box and real strides: an empty batch and expanded (stride-0)
-    operands stay on pointers and still compute what PyTorch does."""
-    w = torch.randn(16, 16, 1, 1).half().contiguous(memory_format=torch.channels_last)
-    x = torch.randn(0, 16, 4, 4).half().contiguous(memory_format=torch.channels_last)
-    y = torch.empty(0, 16, 4, 4).half().contiguous(memory_format=torch.channels_last)
-    K.conv2d(x, w, None, None, y, (1, 1), (0, 0, 0, 0), (1, 1), 0, tma(16, 16, 16, x=True),
-             False)
-    assert took.x == [False]
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 16, 1, 1, generator=g).half().expand(2, 16, 5, 5)
-    w = torch.randn(1, 16, 3, 3, generator=g).half().expand(16, 16, 3, 3)
-    y = torch.full((2, 16, 5, 5), float("nan")).half().contiguous(
+# ------------------------------------------------------------------ the pointer path
+
+def _pointer_3x3(x, w, took):
+    """A 3x3 conv (padding 1) of x by w at a TMA config, into a poisoned y: as PyTorch
+    computes it, and by pointers."""
+    y = torch.full((x.shape[0], w.shape[0], *x.shape[2:]), float("nan")).half().contiguous(
         memory_format=torch.channels_last)
     K.conv2d(x, w, None, None, y, (1, 1), (1, 1, 1, 1), (1, 1), 0, tma(16, 16, 16), False)
     ref64 = F.conv2d(x.double(), w.double(), None, 1, 1)
     assert_within_torch_error(y, F.conv2d(x.float(), w.float(), None, 1, 1).half(), ref64)
     assert took[-1] is False
 
-
-# ------------------------------------------------------------------ the pointer path
 
 @needs_triton
 def test_wide_grouped_tiles_and_unaligned_weights_take_the_pointer_path(took):
@@ -212,12 +193,23 @@ def test_wide_grouped_tiles_and_unaligned_weights_take_the_pointer_path(took):
     store = torch.randn(1 + 16 * 16 * 9, generator=g).half()
     w = store[1:].view(16, 3, 3, 16).permute(0, 3, 1, 2)
     assert w.data_ptr() % 16 and w.stride(1) == 1
-    y = torch.full((1, 16, 5, 5), float("nan")).half().contiguous(
-        memory_format=torch.channels_last)
-    K.conv2d(x, w, None, None, y, (1, 1), (1, 1, 1, 1), (1, 1), 0, tma(16, 16, 16), False)
-    ref64 = F.conv2d(x.double(), w.double(), None, 1, 1)
-    assert_within_torch_error(y, F.conv2d(x.float(), w.float(), None, 1, 1).half(), ref64)
-    assert took[-1] is False
+    _pointer_3x3(x, w, took)
+
+
+@needs_triton
+def test_empty_batches_and_expanded_operands_take_the_pointer_path(took):
+    """A descriptor needs a box and real strides: an empty batch and expanded (stride-0)
+    operands stay on pointers and still compute what PyTorch does."""
+    w = torch.randn(16, 16, 1, 1).half().contiguous(memory_format=torch.channels_last)
+    x = torch.randn(0, 16, 4, 4).half().contiguous(memory_format=torch.channels_last)
+    y = torch.empty(0, 16, 4, 4).half().contiguous(memory_format=torch.channels_last)
+    K.conv2d(x, w, None, None, y, (1, 1), (0, 0, 0, 0), (1, 1), 0, tma(16, 16, 16, x=True),
+             False)
+    assert took.x == [False]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 16, 1, 1, generator=g).half().expand(2, 16, 5, 5)
+    w = torch.randn(1, 16, 3, 3, generator=g).half().expand(16, 16, 3, 3)
+    _pointer_3x3(x, w, took)
 
 
 @needs_triton
